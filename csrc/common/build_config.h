@@ -1,0 +1,39 @@
+// What the build system compiled in; CMakeLists.txt defines these.
+#pragma once
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#ifndef MOE_EXT_WITH_CUDA
+#define MOE_EXT_WITH_CUDA 0
+#endif
+#ifndef MOE_EXT_WITH_CUTLASS
+#define MOE_EXT_WITH_CUTLASS 0
+#endif
+#ifndef MOE_EXT_CUDA_ARCHS
+#define MOE_EXT_CUDA_ARCHS ""
+#endif
+#ifndef MOE_EXT_CUDA_VERSION
+#define MOE_EXT_CUDA_VERSION ""
+#endif
+#ifndef MOE_EXT_CUTLASS_VERSION
+#define MOE_EXT_CUTLASS_VERSION ""
+#endif
+#ifndef MOE_EXT_TORCH_VERSION
+#define MOE_EXT_TORCH_VERSION ""
+#endif
+
+namespace moe_ext {
+
+// MOE_EXT_CUDA_ARCHS is the comma-separated list the CUDA code was compiled for, e.g. "80,90a".
+inline std::vector<std::string> build_cuda_archs() {
+  std::vector<std::string> out;
+  std::stringstream ss(MOE_EXT_CUDA_ARCHS);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+}  // namespace moe_ext

@@ -1,0 +1,274 @@
+// Per-token routing logic written once for the CPU loops and the CUDA kernels.
+//
+// Nothing here includes torch: the header is compiled by g++ (csrc/cpu) and by nvcc (csrc/cuda), so
+// both back ends rank experts, break ties and normalise weights with the same arithmetic.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "macros.h"
+
+namespace moe_ext {
+
+enum class ScoreFunc : int { kSoftmax = 0, kSigmoid = 1 };
+
+// Where the softmax sits relative to the top-k selection (softmax scoring only).
+//   kSoftmaxThenTopk: probabilities over all E experts, pick the k largest (Mixtral, Qwen, DeepSeek-V2).
+//   kTopkThenSoftmax: pick the k largest logits, softmax over the k chosen (TE use_pre_softmax=False).
+enum class GateOrder : int { kSoftmaxThenTopk = 0, kTopkThenSoftmax = 1 };
+
+struct GatingParams {
+  int64_t num_tokens;
+  int num_experts;
+  int k;
+  ScoreFunc score;
+  GateOrder order;
+  bool renormalize;
+  int num_groups;   // 1 = no group-limited routing
+  int topk_groups;  // groups kept per token when num_groups > 1
+  float routed_scaling;
+  bool has_bias;
+};
+
+// Renormalisation adds this to the denominator (DeepSeek-V3's 1e-20): it changes no fp32 sum of
+// probabilities, and keeps a token whose chosen sigmoid scores all underflow to 0 from dividing 0/0.
+constexpr float kRenormEps = 1e-20f;
+
+// The total order used to rank experts: larger key first, NaN after every number, and among equal
+// keys the lower expert id first. Every selection on both back ends goes through this one predicate,
+// so ties and NaN logits resolve identically on CPU and GPU, and an id is always in range.
+template <typename T>
+MOE_HD bool ranks_before(T a, int ia, T b, int ib) {
+  const bool a_nan = a != a;
+  const bool b_nan = b != b;
+  if (a_nan != b_nan) return b_nan;
+  if (!a_nan && a != b) return a > b;
+  return ia < ib;
+}
+
+// Routing maths runs in acc_t: float for fp32/fp16/bf16 inputs, double for fp64 (gradcheck).
+MOE_HD float moe_exp(float x) { return expf(x); }
+MOE_HD double moe_exp(double x) { return exp(x); }
+MOE_HD float moe_log(float x) { return logf(x); }
+MOE_HD double moe_log(double x) { return log(x); }
+
+template <typename T>
+MOE_HD T sigmoid_(T x) {
+  return T(1) / (T(1) + moe_exp(-x));
+}
+
+// The score each expert gets before selection: softmax needs the row max and 1/sum(exp(x - max)).
+template <typename T>
+MOE_HD T score_of(ScoreFunc f, T logit, T row_max, T inv_sum) {
+  return f == ScoreFunc::kSigmoid ? sigmoid_(logit) : moe_exp(logit - row_max) * inv_sum;
+}
+
+// The value experts are ranked by. kTopkThenSoftmax ranks raw logits (same order as probabilities,
+// but no exp is needed); the selection bias (DeepSeek-V3 e_score_correction_bias) is added here only.
+template <typename T>
+MOE_HD T selection_key(const GatingParams& p, T logit, T score, T bias) {
+  const T base =
+      (p.score == ScoreFunc::kSoftmax && p.order == GateOrder::kTopkThenSoftmax) ? logit : score;
+  return base + bias;
+}
+
+// Weight of chosen slot j, given the chosen experts' logits and scores (arrays of length k).
+// sum_chosen is sum of chosen scores (renormalisation), and for kTopkThenSoftmax the softmax
+// denominator over the chosen logits, taken relative to chosen_max.
+template <typename T>
+MOE_HD T slot_weight(const GatingParams& p, T logit, T score, T chosen_max, T chosen_sum) {
+  T w;
+  if (p.score == ScoreFunc::kSoftmax && p.order == GateOrder::kTopkThenSoftmax) {
+    w = moe_exp(logit - chosen_max) / chosen_sum;
+  } else if (p.renormalize) {
+    w = score / (chosen_sum + T(kRenormEps));
+  } else {
+    w = score;
+  }
+  return w * T(p.routed_scaling);
+}
+
+// Gradient of the loss w.r.t. the score (kSoftmaxThenTopk, sigmoid) or logit (kTopkThenSoftmax) of
+// chosen slot j, from the weight gradients. gw_dot_w = sum_i grad_w[i] * w[i] over the chosen slots.
+//   renormalised:  w_j = s * x_j / Z        -> dx_j = (s * g_j - gw_dot_w) / Z
+//   plain:         w_j = s * x_j            -> dx_j = s * g_j
+//   topk->softmax: w_j = s * softmax(l)_j   -> dl_j = w_j * g_j - (w_j / s) * gw_dot_w
+template <typename T>
+MOE_HD T chosen_grad(const GatingParams& p, T g, T w, T chosen_sum, T gw_dot_w) {
+  const T s = T(p.routed_scaling);
+  if (p.score == ScoreFunc::kSoftmax && p.order == GateOrder::kTopkThenSoftmax) {
+    return w * g - (w / s) * gw_dot_w;
+  }
+  if (p.renormalize) return (s * g - gw_dot_w) / (chosen_sum + T(kRenormEps));
+  return s * g;
+}
+
+// d logit from d score for one expert: softmax couples the row through dot = sum_e p_e * dscore_e.
+template <typename T>
+MOE_HD T score_backward(ScoreFunc f, T score, T dscore, T dot) {
+  return f == ScoreFunc::kSigmoid ? dscore * score * (T(1) - score) : score * (dscore - dot);
+}
+
+// ---- One token's gating, forward and backward. ----
+// The CPU kernel calls these per token; a CUDA thread can call them as they are, and the
+// warp-parallel CUDA kernel reuses every helper above, so all back ends share this arithmetic.
+
+template <typename T, typename In>
+MOE_HD void row_softmax_stats(const In* logits, int E, T* row_max, T* sum) {
+  T m = T(-INFINITY);
+  for (int e = 0; e < E; ++e) {
+    const T l = T(logits[e]);
+    if (l > m) m = l;  // NaN never compares greater: a NaN row keeps m finite where it can
+  }
+  T s = T(0);
+  for (int e = 0; e < E; ++e) s += moe_exp(T(logits[e]) - m);
+  *row_max = m;
+  *sum = s;
+}
+
+MOE_HD bool id_taken(const int* ids, int n, int e) {
+  for (int i = 0; i < n; ++i)
+    if (ids[i] == e) return true;
+  return false;
+}
+
+// Group-limited routing (DeepSeek-V3): a group's score is the sum of its two best selection keys;
+// the topk_groups best groups stay eligible. Returns a bit mask of the kept groups (num_groups <= 64).
+template <typename T, typename In>
+MOE_HD uint64_t select_groups(const GatingParams& p, const In* logits, const T* score, const T* bias) {
+  if (p.num_groups <= 1) return ~uint64_t(0);
+  const int gsize = p.num_experts / p.num_groups;
+  uint64_t kept = 0;
+  for (int r = 0; r < p.topk_groups; ++r) {
+    int best = -1;
+    T best_val = T(0);
+    for (int g = 0; g < p.num_groups; ++g) {
+      if (kept >> g & 1) continue;
+      // top-2 of the group's keys, ranked with the shared order
+      int i1 = -1, i2 = -1;
+      T v1 = T(0), v2 = T(0);
+      for (int e = g * gsize; e < (g + 1) * gsize; ++e) {
+        const T key = selection_key(p, T(logits[e]), score[e], bias ? bias[e] : T(0));
+        if (i1 < 0 || ranks_before(key, e, v1, i1)) {
+          i2 = i1; v2 = v1; i1 = e; v1 = key;
+        } else if (i2 < 0 || ranks_before(key, e, v2, i2)) {
+          i2 = e; v2 = key;
+        }
+      }
+      const T gval = i2 < 0 ? v1 : v1 + v2;
+      if (best < 0 || ranks_before(gval, g, best_val, best)) {
+        best = g;
+        best_val = gval;
+      }
+    }
+    kept |= uint64_t(1) << best;
+  }
+  return kept;
+}
+
+// Forward for one token. score: scratch of E, filled with the full scores (softmax or sigmoid)
+// that the load-balancing loss sums. Writes k ids (best first), k weights and the row logsumexp.
+template <typename T, typename In>
+MOE_HD void gate_token(const GatingParams& p, const In* logits, const T* bias, T* score, int* ids,
+                       T* weights, T* lse) {
+  const int E = p.num_experts;
+  T m, sum;
+  row_softmax_stats(logits, E, &m, &sum);
+  *lse = m + moe_log(sum);
+  const T inv_sum = T(1) / sum;
+  for (int e = 0; e < E; ++e) score[e] = score_of(p.score, T(logits[e]), m, inv_sum);
+
+  const uint64_t groups = select_groups(p, logits, score, bias);
+  const int gsize = p.num_experts / (p.num_groups > 1 ? p.num_groups : 1);
+  for (int j = 0; j < p.k; ++j) {
+    int best = -1;
+    T best_key = T(0);
+    for (int e = 0; e < E; ++e) {
+      if (!(groups >> (e / gsize) & 1) || id_taken(ids, j, e)) continue;
+      const T key = selection_key(p, T(logits[e]), score[e], bias ? bias[e] : T(0));
+      if (best < 0 || ranks_before(key, e, best_key, best)) {
+        best = e;
+        best_key = key;
+      }
+    }
+    ids[j] = best;
+  }
+
+  T chosen_max = T(-INFINITY), chosen_sum = T(0);
+  const bool topk_softmax = p.score == ScoreFunc::kSoftmax && p.order == GateOrder::kTopkThenSoftmax;
+  if (topk_softmax) {
+    for (int j = 0; j < p.k; ++j) {
+      const T l = T(logits[ids[j]]);
+      if (l > chosen_max) chosen_max = l;
+    }
+    for (int j = 0; j < p.k; ++j) chosen_sum += moe_exp(T(logits[ids[j]]) - chosen_max);
+  } else {
+    for (int j = 0; j < p.k; ++j) chosen_sum += score[ids[j]];
+  }
+  for (int j = 0; j < p.k; ++j)
+    weights[j] = slot_weight(p, T(logits[ids[j]]), score[ids[j]], chosen_max, chosen_sum);
+}
+
+// Backward for one token: d logits from d weights[k], d prob_sum[E] (grad_score_sum, may be null:
+// it reaches every token's full scores) and d logsumexp. dscore: scratch of E.
+template <typename T, typename In, typename Out>
+MOE_HD void gate_token_backward(const GatingParams& p, const In* logits, const int* ids,
+                                const T* grad_w, const T* grad_score_sum, T grad_lse, T* dscore,
+                                Out* grad_logits) {
+  const int E = p.num_experts;
+  T m, sum;
+  row_softmax_stats(logits, E, &m, &sum);
+  const T inv_sum = T(1) / sum;
+  const bool topk_softmax = p.score == ScoreFunc::kSoftmax && p.order == GateOrder::kTopkThenSoftmax;
+
+  T chosen_max = T(-INFINITY), chosen_sum = T(0);
+  for (int j = 0; j < p.k; ++j) {
+    const T l = T(logits[ids[j]]);
+    if (l > chosen_max) chosen_max = l;
+  }
+  for (int j = 0; j < p.k; ++j) {
+    const T l = T(logits[ids[j]]);
+    chosen_sum += topk_softmax ? moe_exp(l - chosen_max) : score_of(p.score, l, m, inv_sum);
+  }
+  T gw_dot_w = T(0);
+  for (int j = 0; j < p.k; ++j) {
+    const T l = T(logits[ids[j]]);
+    gw_dot_w += grad_w[j] * slot_weight(p, l, score_of(p.score, l, m, inv_sum), chosen_max, chosen_sum);
+  }
+
+  for (int e = 0; e < E; ++e) dscore[e] = grad_score_sum ? grad_score_sum[e] : T(0);
+  for (int j = 0; j < p.k; ++j) {
+    if (topk_softmax) continue;  // these slots differentiate the logits directly, below
+    const T l = T(logits[ids[j]]);
+    const T w = slot_weight(p, l, score_of(p.score, l, m, inv_sum), chosen_max, chosen_sum);
+    dscore[ids[j]] += chosen_grad(p, grad_w[j], w, chosen_sum, gw_dot_w);
+  }
+  T dot = T(0);
+  if (p.score == ScoreFunc::kSoftmax)
+    for (int e = 0; e < E; ++e) dot += score_of(p.score, T(logits[e]), m, inv_sum) * dscore[e];
+
+  for (int e = 0; e < E; ++e) {
+    const T l = T(logits[e]);
+    const T prob = moe_exp(l - m) * inv_sum;  // softmax, for the logsumexp gradient
+    T g = score_backward(p.score, score_of(p.score, l, m, inv_sum), dscore[e], dot) + grad_lse * prob;
+    if (topk_softmax) {
+      for (int j = 0; j < p.k; ++j) {
+        if (ids[j] != e) continue;
+        const T w = slot_weight(p, l, prob, chosen_max, chosen_sum);
+        g += chosen_grad(p, grad_w[j], w, chosen_sum, gw_dot_w);
+      }
+    }
+    grad_logits[e] = Out(g);
+  }
+}
+
+// ---- Slot and row index maths shared by permute, unpermute and capacity dropping. ----
+// A slot is (token t, choice j), flattened as s = t * k + j; rows of x_sorted are grouped by expert
+// and, within an expert, ordered by s (stable). Offsets past max_rows are clamped: a slot whose row
+// would land at or past max_rows is dropped (row -1), never written out of bounds.
+MOE_HD int64_t clamp_row(int64_t row, int64_t max_rows) { return row < max_rows ? row : -1; }
+
+MOE_HD bool valid_expert(int64_t e, int64_t num_experts) { return e >= 0 && e < num_experts; }
+
+}  // namespace moe_ext

@@ -1,0 +1,48 @@
+// Every op schema of moe_ext, and the Python extension module that loads them.
+//
+// The kernels register themselves per back end (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cpp for CUDA);
+// shapes, dtypes and semantics are documented in docs/ops.md and in moe_ext/functional.py.
+#include <torch/library.h>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common/build_config.h"
+
+TORCH_LIBRARY(moe_ext, m) {
+  m.def(
+      "topk_gating(Tensor logits, int k, str score_func=\"softmax\", str order=\"softmax_topk\", "
+      "bool renormalize=True, Tensor? expert_bias=None, int num_groups=1, int topk_groups=1, "
+      "float routed_scaling=1.0) -> (Tensor weights, Tensor expert_ids, Tensor tokens_per_expert, "
+      "Tensor score_sum, Tensor lse)");
+  m.def(
+      "topk_gating_backward(Tensor grad_weights, Tensor? grad_score_sum, Tensor? grad_lse, "
+      "Tensor logits, Tensor expert_ids, str score_func, str order, bool renormalize, "
+      "float routed_scaling) -> Tensor");
+  m.def(
+      "permute(Tensor x, Tensor expert_ids, int num_experts, int max_rows=-1) "
+      "-> (Tensor x_sorted, Tensor expert_offsets, Tensor row_map)");
+  m.def("unpermute(Tensor y_sorted, Tensor row_map, Tensor? weights=None) -> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_y, Tensor y_sorted, Tensor row_map, Tensor? weights) "
+      "-> (Tensor grad_y_sorted, Tensor grad_weights)");
+  m.def(
+      "grouped_gemm(Tensor a, Tensor b, Tensor expert_offsets, bool trans_b=False, "
+      "Tensor? bias=None) -> Tensor");
+  m.def("grouped_gemm_wgrad(Tensor x, Tensor y, Tensor expert_offsets) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "moe_ext native module: loading it registers the torch.ops.moe_ext operators.";
+  m.def("build_info", [] {
+    py::dict info;
+    info["cuda"] = MOE_EXT_WITH_CUDA != 0;
+    info["cuda_archs"] = moe_ext::build_cuda_archs();
+    info["cuda_version"] = std::string(MOE_EXT_CUDA_VERSION);
+    info["cutlass"] = MOE_EXT_WITH_CUTLASS ? py::object(py::str(MOE_EXT_CUTLASS_VERSION)) : py::none();
+    info["torch"] = std::string(MOE_EXT_TORCH_VERSION);
+    return info;
+  }, "How this build of moe_ext was compiled: CUDA on/off, archs, CUTLASS version, torch version.");
+}

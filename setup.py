@@ -1,0 +1,77 @@
+"""Build moe_ext: setup.py hands the native build to CMakeLists.txt (one build description).
+
+Environment:
+  MOE_EXT_CUDA=auto|1|0     build the CUDA kernels (auto: when torch is a CUDA build and nvcc is found)
+  TORCH_CUDA_ARCH_LIST      CUDA archs, default "8.0;9.0a"
+  MAX_JOBS                  parallel compile jobs (default: all cores)
+  MOE_EXT_CUTLASS_DIR       CUTLASS include dir (default: the nvidia-cutlass wheel's headers)
+  MOE_EXT_BUILD_DIR         CMake build dir (default: build/cmake-<python>-<torch>; kept for incremental builds)
+  DEBUG=1                   -O0 -g
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+def _cmake_exe():
+    try:  # the cmake PyPI package, if installed, is newer than most system cmakes
+        import cmake
+
+        return os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+    except ImportError:
+        exe = shutil.which("cmake")
+        if exe is None:
+            raise RuntimeError("moe_ext needs CMake >= 3.22 to build: pip install cmake") from None
+        return exe
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import torch  # noqa: F401  (fail early and clearly if torch is missing: use --no-build-isolation)
+
+        out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+        build_dir = os.environ.get("MOE_EXT_BUILD_DIR") or os.path.join(ROOT, "build", f"cmake-{tag}")
+        os.makedirs(build_dir, exist_ok=True)
+        cfg = "Debug" if os.environ.get("DEBUG", "0") == "1" else "Release"
+        args = [
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DMOE_EXT_CUDA={os.environ.get('MOE_EXT_CUDA', 'auto')}",
+        ]
+        try:
+            import ninja
+
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={os.path.join(ninja.BIN_DIR, 'ninja')}"]
+        except ImportError:
+            if shutil.which("ninja"):
+                args += ["-G", "Ninja"]
+        cache = os.path.join(build_dir, "CMakeCache.txt")
+        if os.path.exists(cache):  # a generator switch would fail on the old cache
+            with open(cache) as f:
+                if ("CMAKE_GENERATOR:INTERNAL=Ninja" in f.read()) != ("Ninja" in args):
+                    shutil.rmtree(build_dir)
+                    os.makedirs(build_dir)
+        cmake = _cmake_exe()
+        subprocess.run([cmake, "-S", ROOT, "-B", build_dir, *args], check=True)
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.run([cmake, "--build", build_dir, "--parallel", jobs], check=True)
+
+
+setup(
+    packages=find_packages(include=["moe_ext", "moe_ext.*"]),
+    ext_modules=[CMakeExtension("moe_ext._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)
