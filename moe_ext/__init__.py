@@ -1,14 +1,24 @@
-"""moe_ext: fused Mixture-of-Experts kernels for PyTorch."""
+"""moe_ext: fused Mixture-of-Experts kernels for PyTorch.
+
+Ops (torch.ops.moe_ext.*, CPU and CUDA): topk_gating, permute, unpermute, grouped_gemm; the
+differentiable functions are in moe_ext.functional and re-exported here; layers in moe_ext.modules.
+"""
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.moe_ext.*)
 from . import _ops  # noqa: F401  (fake kernels)
+from .functional import (GatingOutput, expert_ffn, fused_moe, grouped_gemm, permute, topk_gating,  # noqa: F401
+                         unpermute)
+from .losses import load_balancing_loss, z_loss  # noqa: F401
+from .modules import Experts, MoELayer, Router, SharedExperts  # noqa: F401
+from .routing import apply_capacity, capacity_rank, expert_choice  # noqa: F401
 
 __version__ = "0.1.0"
 
 
 def build_info() -> dict:
-    """How this build was compiled: {"cuda": bool, "cuda_archs": [...], "cutlass": str | None, ...}."""
+    """How this build was compiled: {"cuda": bool, "cuda_archs": [...], "cutlass": str | None,
+    "cuda_version": str, "torch": str (the torch it was built against), "version": str}."""
     info = _C.build_info()
     info["version"] = __version__
     return info

@@ -137,7 +137,7 @@ namespace {
 // Expert ids must lie in [lo, E). Reads the data, so only where value checks are enabled.
 void check_id_values(const char* op, const char* name, const at::Tensor& ids, int64_t lo, int64_t E) {
   if (!value_checks_enabled(ids) || ids.numel() == 0) return;
-  const auto flat = ids.reshape(-1).to(at::kCPU, at::kLong);
+  const auto flat = ids.reshape(-1).to(at::kCPU, at::kLong).contiguous();
   const int64_t* d = flat.data_ptr<int64_t>();
   for (int64_t i = 0; i < flat.numel(); ++i) {
     TORCH_CHECK(d[i] >= lo && d[i] < E, "moe_ext.", op, ": ", name, " holds ", d[i], " at flat index ", i,

@@ -1,0 +1,179 @@
+"""Thin nn.Modules over moe_ext.functional: Router, Experts, MoELayer.
+
+Parameter layout (the names outside code relies on):
+  router.weight [E, H]; experts.w1 [E, 2F, H] (gated activations: gate rows, then up rows) or
+  [E, F, H]; experts.w2 [E, H, F]; experts.b1 [E, 2F | F], experts.b2 [E, H] when bias=True;
+  shared_experts.w1 [S, 2F, H] / .w2 [S, H, F] when num_shared_experts = S > 0.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as MF
+from .losses import load_balancing_loss, z_loss
+from .routing import apply_capacity, expert_choice
+
+
+def _uniform_(t: Tensor, fan_in: int) -> Tensor:
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.init.uniform_(t, -bound, bound)
+
+
+class Router(nn.Module):
+    """Linear router without bias: x [..., H] -> logits [..., E]."""
+
+    def __init__(self, d_model: int, num_experts: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=dtype))
+        _uniform_(self.weight, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight)
+
+
+class Experts(nn.Module):
+    """E expert FFNs applied to rows grouped by expert: (x_sorted [R, H], expert_offsets [E+1]) -> [R, H]."""
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, activation: str = "silu", bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        _, gated = MF.ACTIVATIONS[activation] if activation in MF.ACTIVATIONS else MF._activation(activation)
+        self.activation = activation
+        rows = 2 * d_ff if gated else d_ff
+        kw = dict(device=device, dtype=dtype)
+        self.w1 = nn.Parameter(_uniform_(torch.empty(num_experts, rows, d_model, **kw), d_model))
+        self.w2 = nn.Parameter(_uniform_(torch.empty(num_experts, d_model, d_ff, **kw), d_ff))
+        self.b1 = nn.Parameter(_uniform_(torch.empty(num_experts, rows, **kw), d_model)) if bias else None
+        self.b2 = nn.Parameter(_uniform_(torch.empty(num_experts, d_model, **kw), d_ff)) if bias else None
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x_sorted: Tensor, expert_offsets: Tensor) -> Tensor:
+        return MF.expert_ffn(x_sorted, expert_offsets, self.w1, self.w2, self.activation, self.b1, self.b2)
+
+
+class SharedExperts(nn.Module):
+    """S always-on experts applied to every token and summed: x [T, H] -> [T, H]."""
+
+    def __init__(self, d_model: int, d_ff: int, num_shared: int, activation: str = "silu", device=None, dtype=None):
+        super().__init__()
+        act, gated = MF._activation(activation)
+        self.activation = activation
+        kw = dict(device=device, dtype=dtype)
+        self.w1 = nn.Parameter(_uniform_(torch.empty(num_shared, (2 if gated else 1) * d_ff, d_model, **kw), d_model))
+        self.w2 = nn.Parameter(_uniform_(torch.empty(num_shared, d_model, d_ff, **kw), d_ff))
+
+    def forward(self, x: Tensor) -> Tensor:
+        act, gated = MF._activation(self.activation)
+        S, F2, H = self.w1.shape
+        h = nn.functional.linear(x, self.w1.reshape(S * F2, H)).view(-1, S, F2)
+        if gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = act(gate) * up
+        else:
+            h = act(h)
+        return torch.einsum("tsf,shf->th", h, self.w2)
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts FFN layer: x [..., H] -> [..., H].
+
+    Token choice (default): each token picks its top_k experts by softmax or sigmoid scores
+    (renormalised, group-limited with n_group/topk_group, scaled by routed_scaling_factor).
+    capacity_factor: each expert keeps at most ceil(cf * T * top_k / E) slots, admitted by priority
+    (all first choices before any second choice, lower token first); overflow="drop" zeroes the rest,
+    "reroute" moves them to the token's next preferred expert with room.
+    routing="expert_choice": each expert takes its ceil(cf * T * top_k / E) best tokens (cf defaults to 1).
+    After each forward: .aux_loss (aux_loss_coef * load-balancing loss + z_loss_coef * z-loss, a
+    differentiable scalar) and .last_stats {"tokens_per_expert", "drop_fraction", "router_entropy"}.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *, activation: str = "silu",
+                 bias: bool = False, score_func: str = "softmax", renormalize: bool = True,
+                 capacity_factor: Optional[float] = None, overflow: str = "drop", routing: str = "token_choice",
+                 num_shared_experts: int = 0, jitter_eps: float = 0.0, aux_loss_coef: float = 0.0,
+                 z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
+                 routed_scaling_factor: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"moe_ext.MoELayer: top_k must be in [1, num_experts] = [1, {num_experts}], got {top_k}")
+        if overflow not in ("drop", "reroute"):
+            raise ValueError(f"moe_ext.MoELayer: overflow must be 'drop' or 'reroute', got {overflow!r}")
+        if routing not in ("token_choice", "expert_choice"):
+            raise ValueError(f"moe_ext.MoELayer: routing must be 'token_choice' or 'expert_choice', got {routing!r}")
+        if score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_ext.MoELayer: score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"moe_ext.MoELayer: capacity_factor must be > 0, got {capacity_factor}")
+        if (n_group is None) != (topk_group is None):
+            raise ValueError("moe_ext.MoELayer: n_group and topk_group go together")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.score_func, self.renormalize = score_func, renormalize
+        self.capacity_factor, self.overflow, self.routing = capacity_factor, overflow, routing
+        self.jitter_eps, self.aux_loss_coef, self.z_loss_coef = jitter_eps, aux_loss_coef, z_loss_coef
+        self.n_group, self.topk_group = n_group or 1, topk_group or 1
+        self.routed_scaling_factor = routed_scaling_factor
+        self.router = Router(d_model, num_experts, device=device, dtype=dtype)
+        self.experts = Experts(d_model, d_ff, num_experts, activation, bias, device=device, dtype=dtype)
+        self.shared_experts = (SharedExperts(d_model, d_ff, num_shared_experts, activation, device=device, dtype=dtype)
+                               if num_shared_experts > 0 else None)
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_stats: dict = {}
+
+    def capacity(self, num_tokens: int) -> int:
+        cf = self.capacity_factor if self.capacity_factor is not None else 1.0
+        return math.ceil(cf * num_tokens * self.top_k / self.num_experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        T = x.shape[0]
+        router_in = x
+        if self.training and self.jitter_eps > 0:
+            # Switch-style multiplicative jitter on the router input only.
+            noise = torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            router_in = x * noise
+        logits = self.router(router_in)
+        if self.routing == "expert_choice":
+            weights, ids, scores, lse = expert_choice(logits, self.capacity(T), self.score_func)
+            score_sum, tokens_chosen = scores.sum(0), None
+            max_rows = self.num_experts * min(self.capacity(T), T)
+        else:
+            g = MF.topk_gating(logits, self.top_k, score_func=self.score_func, renormalize=self.renormalize,
+                               num_groups=self.n_group, topk_groups=self.topk_group,
+                               routed_scaling=self.routed_scaling_factor)
+            weights, ids, score_sum, lse, tokens_chosen = g.weights, g.expert_ids, g.score_sum, g.lse, g.tokens_per_expert
+            max_rows = -1
+            if self.capacity_factor is not None:
+                ids = apply_capacity(ids, logits, self.num_experts, self.capacity(T), self.overflow,
+                                     score_func=self.score_func)
+                max_rows = min(T * self.top_k, self.num_experts * self.capacity(T))
+        x_sorted, offsets, row_map = MF.permute(x, ids, self.num_experts, max_rows)
+        y = MF.unpermute(self.experts(x_sorted, offsets), row_map, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        self._record(T, logits, offsets, tokens_chosen, score_sum, lse)
+        return y.reshape(shape)
+
+    def _record(self, T, logits, offsets, tokens_chosen, score_sum, lse):
+        kept = (offsets[1:] - offsets[:-1]).to(torch.int32)
+        slots = T * self.top_k
+        aux = score_sum.sum() * 0.0
+        if self.aux_loss_coef and tokens_chosen is not None:
+            aux = aux + self.aux_loss_coef * load_balancing_loss(tokens_chosen, score_sum, T, self.top_k)
+        if self.z_loss_coef:
+            aux = aux + self.z_loss_coef * z_loss(lse)
+        self.aux_loss = aux
+        with torch.no_grad():  # mean over tokens of the entropy of the softmax over experts, in nats
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1).mean() if T else logp.sum()
+        self.last_stats = {
+            "tokens_per_expert": kept,
+            "drop_fraction": (1.0 - kept.sum().double() / slots) if slots and self.routing == "token_choice"
+            else torch.zeros((), dtype=torch.float64, device=kept.device),
+            "router_entropy": entropy,
+        }

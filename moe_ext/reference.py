@@ -1,0 +1,150 @@
+"""Pure-PyTorch references of every moe_ext op, and of a whole MoE layer.
+
+They are written for clarity, not speed, and are what the tests hold the kernels to (run them in
+float64 where precision matters). Semantics: docs/ops.md.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .functional import ACTIVATIONS
+
+
+def _ranked(keys: Tensor, excluded: Optional[Tensor] = None) -> Tensor:
+    """Indices of keys [..., E] sorted best first: larger first, NaN after every number, excluded
+    entries after everything, ties to the lower index (stable sorts, least significant key first)."""
+    nan = torch.isnan(keys)
+    order = torch.sort(-torch.where(nan, torch.zeros_like(keys), keys), dim=-1, stable=True).indices
+    for flag in (nan, excluded):
+        if flag is not None:
+            order = torch.gather(order, -1, torch.sort(torch.gather(flag.to(torch.int8), -1, order), dim=-1,
+                                                       stable=True).indices)
+    return order
+
+
+def topk_gating(logits: Tensor, k: int, score_func: str = "softmax", order: str = "softmax_topk",
+                renormalize: bool = True, expert_bias: Optional[Tensor] = None, num_groups: int = 1,
+                topk_groups: int = 1, routed_scaling: float = 1.0):
+    """Reference of moe_ext.topk_gating: (weights, expert_ids int64, tokens_per_expert, score_sum, lse)."""
+    T, E = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lg = logits.to(acc)
+    lse = torch.logsumexp(lg, dim=-1)
+    score = torch.sigmoid(lg) if score_func == "sigmoid" else torch.softmax(lg, dim=-1)
+    key = lg if (score_func == "softmax" and order == "topk_softmax") else score
+    if expert_bias is not None:
+        key = key + expert_bias.to(acc)
+    if num_groups > 1:
+        gs = E // num_groups
+        kg = key.view(T, num_groups, gs)
+        top2 = torch.gather(kg, -1, _ranked(kg.reshape(T * num_groups, gs)).view(T, num_groups, gs)[..., :2])
+        group_score = top2.sum(-1)
+        kept = _ranked(group_score)[:, :topk_groups]
+        mask = torch.zeros(T, num_groups, dtype=torch.bool, device=logits.device).scatter_(1, kept, True)
+        excluded = ~mask.repeat_interleave(gs, dim=1)
+    else:
+        excluded = None
+    ids = _ranked(key, excluded)[:, :k]
+    if score_func == "softmax" and order == "topk_softmax":
+        w = torch.softmax(torch.gather(lg, 1, ids), dim=-1)
+    else:
+        w = torch.gather(score, 1, ids)
+        if renormalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * routed_scaling
+    tpe = torch.bincount(ids.reshape(-1), minlength=E).to(torch.int32) if T else torch.zeros(E, dtype=torch.int32)
+    return w, ids, tpe, score.sum(0), lse
+
+
+def permute(x: Tensor, expert_ids: Tensor, num_experts: int, max_rows: int = -1):
+    """Reference of moe_ext.permute (a stable sort of the slots by expert)."""
+    T, k = expert_ids.shape
+    R = T * k if max_rows < 0 else max_rows
+    flat = expert_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    offsets = offsets.clamp(max=R)
+    rows = torch.full((T * k,), -1, dtype=torch.int64)
+    n_valid = int(valid.sum())
+    rows[order[:n_valid]] = torch.arange(n_valid)
+    rows[rows >= R] = -1
+    x_sorted = x.new_zeros((R, x.shape[1]))
+    keep = rows >= 0
+    x_sorted[rows[keep]] = x.repeat_interleave(k, dim=0)[keep]
+    return x_sorted, offsets.to(x.device), rows.view(T, k).to(x.device)
+
+
+def unpermute(y_sorted: Tensor, row_map: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Reference of moe_ext.unpermute, accumulated in float64."""
+    T, k = row_map.shape
+    rows = y_sorted.double()[row_map.clamp(min=0)]  # [T, k, H]
+    w = torch.ones(T, k, dtype=torch.float64) if weights is None else weights.double()
+    w = torch.where(row_map >= 0, w, torch.zeros_like(w))
+    return (rows * w.unsqueeze(-1)).sum(1).to(y_sorted.dtype)
+
+
+def grouped_gemm(a: Tensor, b: Tensor, expert_offsets: Tensor, trans_b: bool = False,
+                 bias: Optional[Tensor] = None) -> Tensor:
+    """Reference of moe_ext.grouped_gemm: a Python loop over experts."""
+    out = a.new_zeros((a.shape[0], b.shape[1] if trans_b else b.shape[2]))
+    o = expert_offsets.tolist()
+    for e in range(b.shape[0]):
+        be = b[e].t() if trans_b else b[e]
+        out[o[e]:o[e + 1]] = a[o[e]:o[e + 1]] @ be + (0 if bias is None else bias[e])
+    return out
+
+
+def grouped_gemm_wgrad(x: Tensor, y: Tensor, expert_offsets: Tensor) -> Tensor:
+    """Reference of moe_ext.grouped_gemm_wgrad: out[e] = x[rows of e]^T @ y[rows of e]."""
+    o = expert_offsets.tolist()
+    return torch.stack([x[o[e]:o[e + 1]].t() @ y[o[e]:o[e + 1]] for e in range(len(o) - 1)])
+
+
+def expert_forward(x: Tensor, w1: Tensor, w2: Tensor, activation: str = "silu", b1: Optional[Tensor] = None,
+                   b2: Optional[Tensor] = None) -> Tensor:
+    """One expert on tokens x [n, H]: w1 [2F | F, H], w2 [H, F]."""
+    act, gated = ACTIVATIONS[activation]
+    h = F.linear(x, w1, b1)
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        h = act(gate) * up
+    else:
+        h = act(h)
+    return F.linear(h, w2, b2)
+
+
+def naive_moe(x: Tensor, router_weight: Tensor, w1: Tensor, w2: Tensor, k: int, activation: str = "silu",
+              b1: Optional[Tensor] = None, b2: Optional[Tensor] = None) -> Tensor:
+    """The textbook MoE layer: top-k over the router scores, softmax over the k chosen, then a loop
+    over experts with a mask of the tokens that chose each one. x [T, H] -> [T, H]."""
+    logits = x @ router_weight.t()
+    top_vals, top_idx = torch.topk(logits, k, dim=-1)
+    gates = torch.softmax(top_vals, dim=-1)
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        mask = top_idx == e  # [T, k]
+        tok = mask.any(-1).nonzero(as_tuple=True)[0]
+        if tok.numel() == 0:
+            continue
+        g = (gates * mask).sum(-1)[tok].unsqueeze(-1)
+        out[tok] += g * expert_forward(x[tok], w1[e], w2[e], activation,
+                                       None if b1 is None else b1[e], None if b2 is None else b2[e])
+    return out
+
+
+def moe(x: Tensor, logits: Tensor, w1: Tensor, w2: Tensor, k: int, activation: str = "silu",
+        renormalize: bool = True, **gating) -> Tensor:
+    """Sort-based reference of fused_moe: the reference gating, then each token's k experts."""
+    w, ids, *_ = topk_gating(logits, k, renormalize=renormalize, **gating)
+    out = torch.zeros_like(x, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    for j in range(k):
+        for e in ids[:, j].unique().tolist():
+            tok = (ids[:, j] == e).nonzero(as_tuple=True)[0]
+            out[tok] += w[tok, j].unsqueeze(-1).to(out.dtype) * expert_forward(x[tok], w1[e], w2[e], activation).to(out.dtype)
+    return out.to(x.dtype)

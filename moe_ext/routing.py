@@ -1,0 +1,96 @@
+"""Routing policies built on the op representation (expert ids per slot, -1 = dropped): capacity
+limits for token choice, and expert-choice routing. No function here synchronises with the device
+except overflow="reroute", whose greedy order is sequential (see apply_capacity).
+"""
+import torch
+from torch import Tensor
+
+from .functional import topk_gating
+
+
+def capacity_rank(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """Priority rank of every slot within its expert: [T, k] int64 (dropped slots: undefined).
+
+    Priority: every token's first choice before any second choice, and so on; within one choice,
+    lower token index first. A slot is kept under capacity C when its rank is < C.
+    """
+    T, k = expert_ids.shape
+    S = T * k
+    flat = expert_ids.t().reshape(-1).long()  # p = j * T + t: the priority order
+    e = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))
+    key = e * S + torch.arange(S, device=flat.device)
+    sorted_key, order = torch.sort(key)
+    sorted_e = sorted_key // S
+    first = torch.searchsorted(sorted_e, sorted_e)  # start of each expert's run, on the device
+    rank = torch.empty_like(flat)
+    rank[order] = torch.arange(S, device=flat.device) - first
+    return rank.view(k, T).t()
+
+
+def _preference(logits: Tensor, score_func: str) -> Tensor:
+    """Every token's experts, most preferred first: [T, E] int64."""
+    key = torch.sigmoid(logits.float()) if score_func == "sigmoid" else logits.float()
+    return torch.sort(-key, dim=-1, stable=True).indices
+
+
+def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacity: int, overflow: str = "drop",
+                   score_func: str = "softmax") -> Tensor:
+    """Expert ids [T, k] with the slots past each expert's capacity dropped (-1) or rerouted.
+
+    overflow="drop": slots are admitted in priority order (capacity_rank); the rest become -1 and
+    contribute zero (the kept slots keep their weights). overflow="reroute": slots are visited in
+    priority order; one whose expert is full moves to the token's next preferred expert (by logits)
+    that has room and that the token has not chosen, keeping the slot's weight; it is dropped only when
+    no expert has room. Rerouting is a sequential greedy pass and runs on the host.
+    """
+    if overflow == "drop":
+        keep = capacity_rank(expert_ids, num_experts) < capacity
+        return torch.where(keep & (expert_ids >= 0), expert_ids, torch.full_like(expert_ids, -1))
+    if overflow != "reroute":
+        raise ValueError(f"moe_ext.apply_capacity: overflow must be 'drop' or 'reroute', got {overflow!r}")
+    T, k = expert_ids.shape
+    pref = _preference(logits.detach(), score_func).cpu().tolist()
+    ids = expert_ids.cpu().tolist()
+    load = [0] * num_experts
+    for j in range(k):
+        for t in range(T):
+            e = ids[t][j]
+            if e < 0:
+                continue
+            if load[e] < capacity:
+                load[e] += 1
+                continue
+            ids[t][j] = -1
+            chosen = set(ids[t])
+            for alt in pref[t]:
+                if alt not in chosen and load[alt] < capacity:
+                    ids[t][j] = alt
+                    load[alt] += 1
+                    break
+    return torch.tensor(ids, dtype=expert_ids.dtype, device=expert_ids.device).view(T, k)
+
+
+def expert_choice(logits: Tensor, capacity: int, score_func: str = "softmax"):
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its `capacity` best tokens.
+
+    logits [T, E] -> (weights [T, E], expert_ids [T, E] int32, scores [T, E], lse [T]): slot (t, e)
+    holds e when expert e took token t, else -1, and its weight is the token's (unrenormalised)
+    score for e, so permute/unpermute route it like token choice with k = E. Ties go to the lower
+    token index. Differentiable w.r.t. logits through the weights.
+    """
+    T, E = logits.shape
+    lg = logits.float()
+    scores = torch.sigmoid(lg) if score_func == "sigmoid" else torch.softmax(lg, dim=-1)
+    lse = torch.logsumexp(lg, dim=-1)
+    C = min(capacity, T)
+    taken = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
+    if C > 0:
+        top = torch.sort(-scores.detach().t(), dim=-1, stable=True).indices[:, :C]  # [E, C] token ids
+        taken[top, torch.arange(E, device=logits.device).unsqueeze(1).expand(E, C)] = True
+    arange_e = torch.arange(E, device=logits.device, dtype=torch.int32).expand(T, E)
+    ids = torch.where(taken, arange_e, torch.full_like(arange_e, -1))
+    weights = torch.where(taken, scores, torch.zeros_like(scores))
+    return weights, ids, scores, lse
+
+
+__all__ = ["capacity_rank", "apply_capacity", "expert_choice", "topk_gating"]

@@ -1,0 +1,126 @@
+"""Bad input raises a clear error naming the argument, the expected and the actual value."""
+import pytest
+import torch
+
+import moe_ext
+
+ops = torch.ops.moe_ext
+
+
+def test_gating_rank():
+    with pytest.raises(RuntimeError, match=r"topk_gating: logits must be 2-D \[T, E\], got a 3-D tensor of shape \[2, 3, 4\]"):
+        moe_ext.topk_gating(torch.randn(2, 3, 4), 2)
+
+
+@pytest.mark.parametrize("k", [0, 8, -1])
+def test_gating_k_out_of_range(k):
+    with pytest.raises(RuntimeError, match=rf"topk_gating: k must be in \[1, E\] = \[1, 7\], got {k}"):
+        moe_ext.topk_gating(torch.randn(3, 7), k)
+
+
+def test_gating_dtype():
+    with pytest.raises(RuntimeError, match="topk_gating: logits must be float32, float16, bfloat16 or float64, got Long"):
+        moe_ext.topk_gating(torch.ones(3, 7, dtype=torch.long), 2)
+
+
+def test_gating_bad_strings():
+    with pytest.raises(RuntimeError, match='score_func must be "softmax" or "sigmoid", got "tanh"'):
+        moe_ext.topk_gating(torch.randn(3, 7), 2, score_func="tanh")
+    with pytest.raises(RuntimeError, match='order must be "softmax_topk" or "topk_softmax", got "x"'):
+        moe_ext.topk_gating(torch.randn(3, 7), 2, order="x")
+
+
+def test_gating_bias_shape_and_groups():
+    with pytest.raises(RuntimeError, match=r"expert_bias.size\(0\) must equal logits.size\(1\) \(E\) = 7, got shape \[6\]"):
+        moe_ext.topk_gating(torch.randn(3, 7), 2, expert_bias=torch.zeros(6))
+    with pytest.raises(RuntimeError, match="num_groups must be in \\[1, 64\\] and divide E = 7, got 2"):
+        moe_ext.topk_gating(torch.randn(3, 7), 2, num_groups=2, topk_groups=1)
+    with pytest.raises(RuntimeError, match=r"k = 5 exceeds the experts in the kept groups"):
+        moe_ext.topk_gating(torch.randn(3, 8), 5, num_groups=4, topk_groups=2)
+
+
+def test_permute_expert_ids_out_of_range():
+    with pytest.raises(RuntimeError, match=r"permute: expert_ids holds 7 at flat index 3, expected -1 \(dropped\) or a value in \[0, 7\)"):
+        moe_ext.permute(torch.randn(2, 4), torch.tensor([[0, 1], [2, 7]], dtype=torch.int32), 7)
+    with pytest.raises(RuntimeError, match=r"expert_ids holds -2"):
+        moe_ext.permute(torch.randn(2, 4), torch.tensor([[0, 1], [-2, 3]], dtype=torch.int32), 7)
+
+
+def test_permute_shapes_and_dtypes():
+    with pytest.raises(RuntimeError, match=r"permute: expert_ids.size\(0\) must equal x.size\(0\) \(T\) = 3, got shape \[2, 2\]"):
+        moe_ext.permute(torch.randn(3, 4), torch.zeros(2, 2, dtype=torch.int32), 4)
+    with pytest.raises(RuntimeError, match="permute: expert_ids must be int32 or int64, got Float"):
+        moe_ext.permute(torch.randn(3, 4), torch.zeros(3, 2), 4)
+    with pytest.raises(RuntimeError, match=r"permute: x must be 2-D \[T, H\], got a 1-D tensor"):
+        moe_ext.permute(torch.randn(3), torch.zeros(3, 2, dtype=torch.int32), 4)
+
+
+def test_unpermute_row_map_and_weights():
+    ys = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match=r"unpermute: row_map holds 6 at flat index 1, expected -1 \(dropped\) or a value in \[0, 6\)"):
+        moe_ext.unpermute(ys, torch.tensor([[0, 6]]))
+    with pytest.raises(RuntimeError, match=r"unpermute: weights.size\(1\) must equal row_map.size\(1\) \(k\) = 2, got shape \[1, 3\]"):
+        moe_ext.unpermute(ys, torch.tensor([[0, 1]]), torch.ones(1, 3))
+    with pytest.raises(RuntimeError, match="unpermute: row_map must be int64, got Int"):
+        moe_ext.unpermute(ys, torch.tensor([[0, 1]], dtype=torch.int32))
+
+
+def test_grouped_gemm_offsets():
+    a, b = torch.randn(6, 4), torch.randn(2, 4, 3)
+    with pytest.raises(RuntimeError, match=r"expert_offsets must be non-decreasing, got offsets\[0\] = 4 > offsets\[1\] = 2"):
+        moe_ext.grouped_gemm(a, b, torch.tensor([4, 2, 6]))
+    with pytest.raises(RuntimeError, match=r"expert_offsets must lie in \[0, 6\] \(the rows of a\), got offsets\[0\] = 0 and offsets\[2\] = 9"):
+        moe_ext.grouped_gemm(a, b, torch.tensor([0, 2, 9]))
+    with pytest.raises(RuntimeError, match=r"expert_offsets.size\(0\) must equal E \+ 1 = 3, got shape \[4\]"):
+        moe_ext.grouped_gemm(a, b, torch.tensor([0, 2, 4, 6]))
+    with pytest.raises(RuntimeError, match="expert_offsets must be int64, got Int"):
+        moe_ext.grouped_gemm(a, b, torch.tensor([0, 2, 6], dtype=torch.int32))
+
+
+def test_grouped_gemm_shapes_dtypes():
+    off = torch.tensor([0, 3, 6])
+    with pytest.raises(RuntimeError, match=r"grouped_gemm: b.size\(1\) must equal a.size\(1\) \(K\) = 4, got shape \[2, 5, 3\]"):
+        moe_ext.grouped_gemm(torch.randn(6, 4), torch.randn(2, 5, 3), off)
+    with pytest.raises(RuntimeError, match=r"b must be 3-D \[E, N, K\] \(trans_b=True\)"):
+        moe_ext.grouped_gemm(torch.randn(6, 4), torch.randn(5, 3), off, trans_b=True)
+    with pytest.raises(RuntimeError, match=r"grouped_gemm: b must have the dtype of a \(Float\), got Double"):
+        moe_ext.grouped_gemm(torch.randn(6, 4), torch.randn(2, 4, 3, dtype=torch.float64), off)
+    with pytest.raises(RuntimeError, match=r"bias.size\(1\) must equal b's output columns \(N\) = 3, got shape \[2, 4\]"):
+        moe_ext.grouped_gemm(torch.randn(6, 4), torch.randn(2, 4, 3), off, bias=torch.randn(2, 4))
+
+
+def test_device_mismatch_is_named_by_fake_kernels():
+    meta = torch.empty(3, 2, dtype=torch.int32, device="meta")
+    with pytest.raises(RuntimeError, match=r"permute: expert_ids must be on x's device \(cpu\), got meta"):
+        ops.permute(torch.randn(3, 4), meta, 4)
+
+
+def test_fused_moe_weight_shapes():
+    x, lg = torch.randn(5, 8), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"activation='silu' is gated and needs w1 \[E, 2F, H\].*got w1 \(4, 7, 8\)"):
+        moe_ext.fused_moe(x, torch.randn(4, 7, 8), torch.randn(4, 8, 3), lg, 2)
+    with pytest.raises(ValueError, match=r"w2 must be \[E, H, F\] = \[4, 8, 6\] for w1 \(4, 6, 8\) and activation='silu_no_mul', got w2 \(4, 8, 3\)"):
+        moe_ext.fused_moe(x, torch.randn(4, 6, 8), torch.randn(4, 8, 3), lg, 2, activation="silu_no_mul")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        moe_ext.fused_moe(x, torch.randn(4, 6, 8), torch.randn(4, 8, 3), lg, 2, activation="swish")
+    with pytest.raises(ValueError, match=r"w1 must hold E = 4 experts \(the router's width\)"):
+        moe_ext.fused_moe(x, torch.randn(3, 6, 8), torch.randn(3, 8, 3), lg, 2)
+
+
+def test_layer_arguments():
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, num_experts\] = \[1, 4\], got 5"):
+        moe_ext.MoELayer(8, 16, 4, 5)
+    with pytest.raises(ValueError, match="overflow must be 'drop' or 'reroute'"):
+        moe_ext.MoELayer(8, 16, 4, 2, overflow="spill")
+    with pytest.raises(ValueError, match="routing must be 'token_choice' or 'expert_choice'"):
+        moe_ext.MoELayer(8, 16, 4, 2, routing="hash")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_cuda_mismatch_is_named():
+    with pytest.raises(RuntimeError, match=r"permute: expert_ids must be on x's device \(cuda:0\), got cpu"):
+        ops.permute(torch.randn(3, 4, device="cuda"), torch.zeros(3, 2, dtype=torch.int32), 4)
+    with pytest.raises(RuntimeError, match=r"grouped_gemm: expert_offsets must be on a's device \(cuda:0\), got cpu"):
+        ops.grouped_gemm(torch.randn(6, 4, device="cuda").bfloat16(), torch.randn(2, 4, 3, device="cuda").bfloat16(),
+                         torch.tensor([0, 3, 6]))

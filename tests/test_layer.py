@@ -1,0 +1,209 @@
+import math
+
+import pytest
+import torch
+
+import moe_ext
+from moe_ext import reference as R
+
+
+def make_weights(E, F, H, gated=True, dtype=torch.float64):
+    w1 = (torch.randn(E, (2 if gated else 1) * F, H, dtype=dtype) / math.sqrt(H)).requires_grad_()
+    w2 = (torch.randn(E, H, F, dtype=dtype) / math.sqrt(F)).requires_grad_()
+    return w1, w2
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "silu_no_mul", "gelu_no_mul", "relu_no_mul"])
+@pytest.mark.parametrize("T,H,F,E,k", [(37, 72, 40, 7, 3), (16, 8, 8, 4, 4), (1, 72, 40, 7, 1), (0, 72, 40, 7, 3)])
+def test_fused_moe_forward_backward_vs_reference(activation, T, H, F, E, k):
+    gated = "no_mul" not in activation
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    lg = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+    w1, w2 = make_weights(E, F, H, gated)
+    y = moe_ext.fused_moe(x, w1, w2, lg, k, activation=activation)
+    yr = R.moe(x, lg, w1, w2, k, activation=activation)
+    torch.testing.assert_close(y, yr)
+    if T == 0:
+        return
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, lg, w1, w2), g)
+    grads_ref = torch.autograd.grad(yr, (x, lg, w1, w2), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_moe_gradcheck():
+    T, H, F, E, k = 5, 6, 4, 4, 2
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    lg = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+    w1, w2 = make_weights(E, F, H)
+    assert torch.autograd.gradcheck(lambda *a: moe_ext.fused_moe(*a, k), (x, w1, w2, lg))
+
+
+def test_layer_matches_textbook_naive_loop_seed_chapter_expert():
+    # The seed chapter's layer: 8 experts, top-2, Linear-GELU-Linear experts with biases.
+    layer = moe_ext.MoELayer(32, 64, 8, 2, activation="gelu_no_mul", bias=True).double()
+    x = torch.randn(4, 10, 32, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    e = layer.experts
+    yr = R.naive_moe(x.reshape(-1, 32), layer.router.weight, e.w1, e.w2, 2, "gelu_no_mul", e.b1, e.b2)
+    torch.testing.assert_close(y.reshape(-1, 32), yr)
+    params = [x, layer.router.weight, e.w1, e.w2, e.b1, e.b2]
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(yr, params, g.reshape(-1, 32))):
+        torch.testing.assert_close(a.reshape(b.shape), b)
+
+
+def test_layer_swiglu_matches_naive_loop_in_bf16():
+    torch.manual_seed(1)
+    layer = moe_ext.MoELayer(64, 96, 8, 2)
+    x = torch.randn(50, 64)
+    ref = R.naive_moe(x.double(), layer.router.weight.double(), layer.experts.w1.double(), layer.experts.w2.double(), 2)
+    y16 = layer.bfloat16()(x.bfloat16()).double()
+    y_pt = R.naive_moe(x.bfloat16(), layer.router.weight, layer.experts.w1, layer.experts.w2, 2).double()
+    # flash-attention's rule: no worse than twice PyTorch's own error in the same precision
+    assert (y16 - ref).abs().max() <= 2 * (y_pt - ref).abs().max() + 1e-6
+
+
+def test_layer_parameter_names():
+    layer = moe_ext.MoELayer(16, 24, 6, 2, bias=True, num_shared_experts=2)
+    names = dict(layer.named_parameters())
+    assert names["router.weight"].shape == (6, 16)
+    assert names["experts.w1"].shape == (6, 48, 16) and names["experts.w2"].shape == (6, 16, 24)
+    assert names["experts.b1"].shape == (6, 48) and names["experts.b2"].shape == (6, 16)
+    assert names["shared_experts.w1"].shape == (2, 48, 16) and names["shared_experts.w2"].shape == (2, 16, 24)
+
+
+def test_shared_experts_are_added_to_every_token():
+    layer = moe_ext.MoELayer(16, 24, 6, 2, num_shared_experts=2).double()
+    x = torch.randn(9, 16, dtype=torch.float64)
+    y = layer(x)
+    s = layer.shared_experts
+    shared = sum(R.expert_forward(x, s.w1[i], s.w2[i]) for i in range(2))
+    routed = R.naive_moe(x, layer.router.weight, layer.experts.w1, layer.experts.w2, 2)
+    torch.testing.assert_close(y, routed + shared)
+
+
+def test_aux_and_z_loss_formula_and_gradient():
+    layer = moe_ext.MoELayer(16, 24, 6, 2, aux_loss_coef=0.1, z_loss_coef=0.01).double()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    layer(x)
+    logits = x @ layer.router.weight.t()
+    p = torch.softmax(logits, -1)
+    ids = p.topk(2, -1).indices
+    f = torch.bincount(ids.reshape(-1), minlength=6).double() / (40 * 2)
+    lb = 6 * (f * p.mean(0)).sum()
+    z = torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(layer.aux_loss, 0.1 * lb + 0.01 * z)
+    (g,) = torch.autograd.grad(layer.aux_loss, layer.router.weight)
+    (gr,) = torch.autograd.grad(0.1 * lb + 0.01 * z, layer.router.weight)
+    torch.testing.assert_close(g, gr)
+    stats = layer.last_stats
+    assert stats["tokens_per_expert"].sum() == 80 and float(stats["drop_fraction"]) == 0.0
+
+
+def test_uniform_routing_gives_unit_load_balancing_loss():
+    E, T, k = 4, 8, 2
+    tpe = torch.full((E,), T * k // E, dtype=torch.int32)
+    assert float(moe_ext.load_balancing_loss(tpe, torch.full((E,), T / E), T, k)) == pytest.approx(1.0)
+
+
+def test_capacity_drop_keeps_priority_order():
+    # 6 tokens, E=3, k=2; capacity = ceil(0.5 * 6 * 2 / 3) = 2
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0], [2, 0], [1, 2]], dtype=torch.int32)
+    out = moe_ext.apply_capacity(ids, torch.zeros(6, 3), 3, 2, "drop")
+    # first choices: expert 0 <- t0, t1 (t2 dropped); expert 1 <- t3, t5; expert 2 <- t4
+    # second choices: t0->1 full, t1->2 ok (2 has t4 + t1), t2->1 full, t3->0 full, t4->0 full, t5->2 full
+    assert out.tolist() == [[0, -1], [0, 2], [-1, -1], [1, -1], [2, -1], [1, -1]]
+
+
+def test_capacity_reroute_moves_to_next_preferred_expert():
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1]], dtype=torch.int32)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 3)
+    out = moe_ext.apply_capacity(ids, logits, 4, 2, "reroute")
+    # t2's first choice (0) is full -> its next preferred unchosen expert with room is 2; then its
+    # second choice (1) is full (t0, t1) -> 3.
+    assert out.tolist() == [[0, 1], [0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("overflow", ["drop", "reroute"])
+def test_layer_with_capacity(overflow):
+    layer = moe_ext.MoELayer(16, 24, 4, 2, capacity_factor=0.75, overflow=overflow).double()
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    cap = math.ceil(0.75 * 20 * 2 / 4)
+    kept = layer.last_stats["tokens_per_expert"]
+    assert (kept <= cap).all()
+    assert float(layer.last_stats["drop_fraction"]) == pytest.approx(1 - int(kept.sum()) / 40)
+    # the reference: the same dropped ids through the sort-based path
+    g = moe_ext.topk_gating(x.detach() @ layer.router.weight.t(), 2)
+    ids = moe_ext.apply_capacity(g.expert_ids, x.detach() @ layer.router.weight.t(), 4, cap, overflow)
+    ref = torch.zeros_like(x)
+    for t in range(20):
+        for j in range(2):
+            e = int(ids[t, j])
+            if e >= 0:
+                ref[t] += g.weights[t, j] * R.expert_forward(x[t:t + 1], layer.experts.w1[e], layer.experts.w2[e])[0]
+    torch.testing.assert_close(y, ref.detach())
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_expert_choice_routing():
+    layer = moe_ext.MoELayer(16, 24, 4, 2, routing="expert_choice", score_func="softmax").double()
+    x = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    C = math.ceil(10 * 2 / 4)
+    assert layer.last_stats["tokens_per_expert"].tolist() == [C] * 4
+    scores = torch.softmax(x @ layer.router.weight.t(), -1)
+    ref = torch.zeros_like(x)
+    for e in range(4):
+        top = torch.sort(-scores[:, e], stable=True).indices[:C]
+        ref[top] += scores[top, e].unsqueeze(1) * R.expert_forward(x[top], layer.experts.w1[e], layer.experts.w2[e])
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    assert layer.router.weight.grad is not None
+
+
+def test_jitter_only_in_training():
+    layer = moe_ext.MoELayer(16, 24, 4, 2, jitter_eps=0.5).double()
+    x = torch.randn(30, 16, dtype=torch.float64)
+    layer.eval()
+    a, b = layer(x), layer(x)
+    assert torch.equal(a, b)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_sigmoid_grouped_routing_layer_runs():
+    layer = moe_ext.MoELayer(16, 8, 16, 4, score_func="sigmoid", n_group=4, topk_group=2,
+                             routed_scaling_factor=2.5).double()
+    x = torch.randn(12, 16, dtype=torch.float64)
+    lg = x @ layer.router.weight.t()
+    w, ids, *_ = R.topk_gating(lg, 4, score_func="sigmoid", num_groups=4, topk_groups=2, routed_scaling=2.5)
+    ref = torch.zeros_like(x)
+    for t in range(12):
+        for j in range(4):
+            e = int(ids[t, j])
+            ref[t] += w[t, j] * R.expert_forward(x[t:t + 1], layer.experts.w1[e], layer.experts.w2[e])[0]
+    torch.testing.assert_close(layer(x), ref)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    layer = moe_ext.MoELayer(16, 24, 4, 2, aux_loss_coef=0.01, z_loss_coef=0.001)
+    x = torch.randn(12, 16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x))
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_build_info():
+    info = moe_ext.build_info()
+    assert isinstance(info["cuda"], bool) and isinstance(info["cuda_archs"], list)
+    assert info["cutlass"] is None or isinstance(info["cutlass"], str)
+    if info["cuda"]:
+        assert info["cuda_archs"], info

@@ -1,0 +1,49 @@
+"""torch.library.opcheck on every registered op (schema, fake kernel, dispatch, aot_autograd)."""
+import pytest
+import torch
+
+import moe_ext  # noqa: F401
+
+ops = torch.ops.moe_ext
+
+
+def _ids(T, k, E):
+    return torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32)
+
+
+def samples():
+    T, H, E, k = 9, 72, 7, 3
+    logits = torch.randn(T, E)
+    out = ops.topk_gating(logits, k)
+    ids = out[1]
+    x = torch.randn(T, H)
+    xs, off, rm = ops.permute(x, ids, E, -1)
+    w = torch.rand(T, k)
+    yield "topk_gating", (logits, k), {}
+    yield "topk_gating", (logits.double(), 2, "sigmoid", "softmax_topk", False, torch.randn(E).double(), 1, 1, 2.0), {}
+    yield "topk_gating", (torch.randn(5, 16), 3, "sigmoid", "softmax_topk", True, None, 4, 2, 1.0), {}
+    yield "topk_gating", (torch.randn(0, E), k), {}
+    yield "topk_gating_backward", (torch.randn(T, k), torch.randn(E), torch.randn(T), logits, ids, "softmax",
+                                   "softmax_topk", True, 1.0), {}
+    yield "topk_gating_backward", (torch.randn(T, k), None, None, logits, ids, "softmax", "topk_softmax", True, 1.0), {}
+    yield "permute", (x, ids, E), {}
+    yield "permute", (x.bfloat16(), ids.long(), E, 10), {}
+    yield "permute", (torch.randn(0, H), torch.empty(0, k, dtype=torch.int32), E), {}
+    yield "unpermute", (xs, rm, w), {}
+    yield "unpermute", (xs.half(), rm, None), {}
+    yield "unpermute_backward", (torch.randn(T, H), xs, rm, w), {}
+    yield "unpermute_backward", (torch.randn(T, H), xs, rm, None), {}
+    yield "grouped_gemm", (xs, torch.randn(E, H, 40), off), {}
+    yield "grouped_gemm", (xs, torch.randn(E, 40, H), off, True, torch.randn(E, 40)), {}
+    yield "grouped_gemm_wgrad", (xs, torch.randn(xs.shape[0], 40), off), {}
+
+
+@pytest.mark.parametrize("name,args,kwargs", list(samples()))
+def test_opcheck(name, args, kwargs):
+    torch.library.opcheck(getattr(ops, name).default, args, kwargs)
+
+
+def test_every_op_is_covered():
+    covered = {name for name, _, _ in samples()}
+    registered = {n for n in dir(ops) if not n.startswith("_") and isinstance(getattr(ops, n), torch._ops.OpOverloadPacket)}
+    assert registered and registered <= covered, registered - covered
