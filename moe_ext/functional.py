@@ -13,7 +13,7 @@ from torch import Tensor
 _ops = torch.ops.moe_ext
 
 __all__ = ["GatingOutput", "topk_gating", "permute", "unpermute", "grouped_gemm", "fused_moe",
-           "expert_ffn", "ACTIVATIONS"]
+           "expert_ffn", "apply_activation", "ACTIVATIONS"]
 
 
 class GatingOutput(NamedTuple):
@@ -173,6 +173,15 @@ def _activation(name: str):
         raise ValueError(f"moe_ext: activation must be one of {sorted(ACTIVATIONS)}, got {name!r}") from None
 
 
+def apply_activation(h: Tensor, activation: str) -> Tensor:
+    """act(h), or act(gate) * up over h = [gate | up] (last dim 2F -> F) for gated activations."""
+    act, gated = _activation(activation)
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
+
+
 def check_expert_weights(w1: Tensor, w2: Tensor, activation: str, hidden: int, num_experts: Optional[int] = None):
     """Validate w1 [E, 2F, H] (gated) or [E, F, H] and w2 [E, H, F]; returns (E, F)."""
     _, gated = _activation(activation)
@@ -200,13 +209,7 @@ def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
     w1 [E, 2F, H] for gated activations (rows 0..F-1 are the gate, F..2F-1 the up projection) or
     [E, F, H]; w2 [E, H, F]; b1 [E, 2F | F], b2 [E, H]. Rows outside the offsets stay zero.
     """
-    act, gated = _activation(activation)
-    h = grouped_gemm(x_sorted, w1, expert_offsets, trans_b=True, bias=b1)
-    if gated:
-        gate, up = h.chunk(2, dim=-1)
-        h = act(gate) * up
-    else:
-        h = act(h)
+    h = apply_activation(grouped_gemm(x_sorted, w1, expert_offsets, trans_b=True, bias=b1), activation)
     return grouped_gemm(h, w2, expert_offsets, trans_b=True, bias=b2)
 
 

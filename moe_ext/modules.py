@@ -39,7 +39,7 @@ class Experts(nn.Module):
     def __init__(self, d_model: int, d_ff: int, num_experts: int, activation: str = "silu", bias: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        _, gated = MF.ACTIVATIONS[activation] if activation in MF.ACTIVATIONS else MF._activation(activation)
+        _, gated = MF._activation(activation)
         self.activation = activation
         rows = 2 * d_ff if gated else d_ff
         kw = dict(device=device, dtype=dtype)
@@ -61,22 +61,16 @@ class SharedExperts(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, num_shared: int, activation: str = "silu", device=None, dtype=None):
         super().__init__()
-        act, gated = MF._activation(activation)
+        _, gated = MF._activation(activation)
         self.activation = activation
         kw = dict(device=device, dtype=dtype)
         self.w1 = nn.Parameter(_uniform_(torch.empty(num_shared, (2 if gated else 1) * d_ff, d_model, **kw), d_model))
         self.w2 = nn.Parameter(_uniform_(torch.empty(num_shared, d_model, d_ff, **kw), d_ff))
 
     def forward(self, x: Tensor) -> Tensor:
-        act, gated = MF._activation(self.activation)
         S, F2, H = self.w1.shape
         h = nn.functional.linear(x, self.w1.reshape(S * F2, H)).view(-1, S, F2)
-        if gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = act(gate) * up
-        else:
-            h = act(h)
-        return torch.einsum("tsf,shf->th", h, self.w2)
+        return torch.einsum("tsf,shf->th", MF.apply_activation(h, self.activation), self.w2)
 
 
 class MoELayer(nn.Module):

@@ -111,8 +111,8 @@ def expert_forward(x: Tensor, w1: Tensor, w2: Tensor, activation: str = "silu", 
     """One expert on tokens x [n, H]: w1 [2F | F, H], w2 [H, F]."""
     act, gated = ACTIVATIONS[activation]
     h = F.linear(x, w1, b1)
-    if gated:
-        gate, up = h.chunk(2, dim=-1)
+    if gated:  # written out here rather than shared: the reference must not lean on the code it checks
+        gate, up = h[..., :h.shape[-1] // 2], h[..., h.shape[-1] // 2:]
         h = act(gate) * up
     else:
         h = act(h)
