@@ -151,10 +151,8 @@ class OffloadedMoE(nn.Module):
         now), max_resident (high-water mark, never above N); cache_experts (N); slots (min(N, E));
         hit_rate = hits / (hits + misses).
         """
+        self._fold_timings(block=True)
         s = dict(self._stats)
-        if self._timings:
-            self._timings[-1][1].synchronize()
-            s["copy_wait_s"] += sum(a.elapsed_time(b) for a, b in self._timings) / 1e3
         s["resident"] = len(self._lru)
         s["cache_experts"] = self.cache_experts
         s["slots"] = self.num_slots
@@ -226,6 +224,18 @@ class OffloadedMoE(nn.Module):
         assert len(self._lru) <= self.num_slots
         return event
 
+    def _fold_timings(self, block: bool) -> None:
+        """Add the measured copy waits to copy_wait_s (all of them when block, else the finished ones)."""
+        if block and self._timings:
+            self._timings[-1][1].synchronize()
+        keep = []
+        for start, end in self._timings:
+            if block or end.query():
+                self._stats["copy_wait_s"] += start.elapsed_time(end) / 1e3
+            else:
+                keep.append((start, end))
+        self._timings = keep
+
     def _wait(self, event) -> None:
         if event is None:
             return
@@ -235,6 +245,8 @@ class OffloadedMoE(nn.Module):
         cur.wait_event(event)
         end.record(cur)
         self._timings.append((start, end))
+        if len(self._timings) > 256:  # long serving runs: fold the finished ones without synchronising
+            self._fold_timings(block=False)
 
     # ------------------------------------------------------------------ public API
     def prefetch(self, expert_ids: Union[Tensor, Iterable[int]]) -> int:
