@@ -310,7 +310,10 @@ class OffloadedMoE(nn.Module):
         T, E = x.shape[0], self.num_experts
         logits, weights, ids, _, tokens_chosen, score_sum, lse = self.route(x)
         flat = ids.reshape(-1).long()
-        counts_dev = torch.bincount(flat[flat >= 0], minlength=E)
+        # Slots per expert without a hidden sync (boolean indexing and bincount read sizes back on CUDA).
+        slot_e = torch.where(flat >= 0, flat, torch.full_like(flat, E))
+        counts_dev = torch.zeros(E + 1, dtype=torch.int64, device=x.device).index_add_(
+            0, slot_e, torch.ones_like(slot_e))[:E]
         counts = counts_dev.tolist()  # the one device-to-host read of a forward (see the module docstring)
         self._stats["host_reads"] += 1
         self._stats["forwards"] += 1
