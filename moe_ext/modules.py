@@ -122,9 +122,14 @@ class MoELayer(nn.Module):
         cf = self.capacity_factor if self.capacity_factor is not None else 1.0
         return math.ceil(cf * num_tokens * self.top_k / self.num_experts)
 
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+    def route(self, x: Tensor):
+        """Routing of x [T, H]: (logits [T, E], weights [T, k'], expert_ids [T, k'] (-1 = dropped),
+        max_rows, tokens_chosen [E] | None, score_sum [E], lse [T]); k' = top_k, or E for expert choice.
+
+        Reads only the router and the routing attributes (num_experts, top_k, routing, score_func,
+        renormalize, capacity_factor, overflow, n_group, topk_group, routed_scaling_factor, jitter_eps,
+        training) and capacity(), so moe_ext.offload reuses it on a module with the same attributes.
+        """
         T = x.shape[0]
         router_in = x
         if self.training and self.jitter_eps > 0:
@@ -146,6 +151,13 @@ class MoELayer(nn.Module):
                 ids = apply_capacity(ids, logits, self.num_experts, self.capacity(T), self.overflow,
                                      score_func=self.score_func)
                 max_rows = min(T * self.top_k, self.num_experts * self.capacity(T))
+        return logits, weights, ids, max_rows, tokens_chosen, score_sum, lse
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        T = x.shape[0]
+        logits, weights, ids, max_rows, tokens_chosen, score_sum, lse = self.route(x)
         x_sorted, offsets, row_map = MF.permute(x, ids, self.num_experts, max_rows)
         y = MF.unpermute(self.experts(x_sorted, offsets), row_map, weights)
         if self.shared_experts is not None:
