@@ -75,20 +75,25 @@ def _check_case(rank, world, c, groups):
             "comm": ep.last_comm}
 
 
-def _cases_worker(rank, world, cases, ep_size=None):
+def _cases_worker(rank, world, runs, check_errors=False):
+    """runs: [(ep_size or None for pure EP, [case, ...]), ...] in one set of processes."""
     from moe_ext.parallel import make_ep_dp_groups
-    groups = make_ep_dp_groups(ep_size) if ep_size else None
-    return [_check_case(rank, world, c, groups) for c in cases]
+    if check_errors:
+        _check_errors()
+    out = []
+    for ep_size, cases in runs:
+        groups = make_ep_dp_groups(ep_size) if ep_size else None
+        out += [_check_case(rank, world, c, groups) for c in cases]
+    return out
 
 
-def _errors_worker(rank, world):
+def _check_errors():
     from moe_ext.parallel import shard_experts
     layer = moe_ext.MoELayer(8, 8, 3, 1)
     with pytest.raises(ValueError, match=r"num_experts = 3 is not divisible by the expert-parallel group size 2"):
         shard_experts(layer)
     with pytest.raises(TypeError, match="MoELayer"):
         shard_experts(torch.nn.Linear(2, 2))
-    return True
 
 
 def test_expert_parallel_two_ranks_matches_unsharded():
@@ -108,28 +113,28 @@ def test_expert_parallel_two_ranks_matches_unsharded():
         dict(base, Ts=[9, 6], kw=dict(capacity_factor=0.5, overflow="reroute")),
         dict(base, Ts=[6, 9], kw=dict(routing="expert_choice", capacity_factor=1.0)),
     ]
-    out = launch(_cases_worker, 2, cases, timeout_s=TIMEOUT_S)
+    # Also: E % world != 0 is a clear error (see test_indivisible_experts_error).
+    out = launch(_cases_worker, 2, [(None, cases)], True, timeout_s=TIMEOUT_S)
     # Sanity: tokens actually crossed ranks.
     assert sum(r[0]["comm"]["dispatch_rows_sent"] for r in out) > 0
     assert out[0][1]["T"] == 0 and out[0][1]["comm"]["dispatch_rows_sent"] == 0
 
 
-def test_expert_parallel_four_ranks_ep2_dp2():
-    cases = [dict(H=10, F=8, E=4, k=2, Ts=[5, 0, 8, 3], kw=dict(bias=True, num_shared_experts=1,
+def test_expert_parallel_four_ranks_ep2_dp2_and_pure_ep():
+    # EP=2 x DP=2: expert grads all-reduced over the DP group, router/shared grads over the world.
+    ep_dp = [dict(H=10, F=8, E=4, k=2, Ts=[5, 0, 8, 3], kw=dict(bias=True, num_shared_experts=1,
                                                                 aux_loss_coef=0.01))]
-    launch(_cases_worker, 4, cases, 2, timeout_s=TIMEOUT_S)
-
-
-def test_expert_parallel_four_ranks_pure_ep():
-    cases = [dict(H=10, F=8, E=8, k=3, Ts=[4, 9, 0, 6])]
-    launch(_cases_worker, 4, cases, timeout_s=TIMEOUT_S)
+    pure = [dict(H=10, F=8, E=8, k=3, Ts=[4, 9, 0, 6])]
+    out = launch(_cases_worker, 4, [(2, ep_dp), (None, pure)], timeout_s=TIMEOUT_S)
+    assert [o[0]["comm"]["send_splits"].__len__() for o in out] == [2] * 4
+    assert [o[1]["comm"]["send_splits"].__len__() for o in out] == [4] * 4
 
 
 def test_indivisible_experts_error():
+    # In a live group too: test_expert_parallel_two_ranks_matches_unsharded (check_errors).
     with pytest.raises(ValueError, match="not divisible"):
         expert_range(6, 4, 0)
     assert expert_range(6, 3, 2) == (4, 6)
-    assert launch(_errors_worker, 2, timeout_s=TIMEOUT_S) == [True, True]
 
 
 def _hang_worker(rank, world):
