@@ -1,0 +1,178 @@
+"""Expert parallelism over gloo: spawned CPU processes on 127.0.0.1, compared with the unsharded layer
+on every rank's own tokens (outputs, input gradients, expert gradients summed over ranks), float64.
+
+Every collective has a 60 s timeout and every launch a join deadline (moe_ext._dist_launch.launch
+terminates all workers and fails), so a bug fails the test instead of hanging it. Each launch runs
+several cases to amortise process start-up."""
+import pytest
+import torch
+
+import moe_ext
+from moe_ext._dist_launch import launch
+from moe_ext.parallel import expert_range
+
+TIMEOUT_S = 150
+
+
+def _make_layer(c):
+    torch.manual_seed(1234)
+    return moe_ext.MoELayer(c["H"], c["F"], c["E"], c["k"], **c.get("kw", {})).double()
+
+
+def _inputs(r, c):
+    g = torch.Generator().manual_seed(100 + r)
+    T = c["Ts"][r]
+    x = torch.randn(T, c["H"], generator=g, dtype=torch.float64)
+    gy = torch.randn(T, c["H"], generator=g, dtype=torch.float64)
+    if c.get("batch_dims"):
+        x, gy = x.view(1, T, c["H"]), gy.view(1, T, c["H"])
+    return x, gy
+
+
+def _check_case(rank, world, c, groups):
+    import torch.distributed as dist
+    from moe_ext.parallel import all_reduce_gradients, shard_experts
+    close = dict(atol=1e-12, rtol=1e-10)
+    full = _make_layer(c)
+    ep = shard_experts(full, groups.ep_group if groups else None)
+    ep_size = groups.ep_size if groups else world
+    El = c["E"] // ep_size
+    ep_rank = dist.get_rank(groups.ep_group) if groups else rank
+    assert ep.local_expert_ids == list(range(ep_rank * El, (ep_rank + 1) * El))
+    assert ep.experts.w1.shape[0] == El and isinstance(ep.experts.w1, torch.nn.Parameter)
+    assert ep.experts.w2.shape == (El,) + tuple(full.experts.w2.shape[1:])
+    # Reference: the unsharded layer on each rank's own tokens; gradients summed over all ranks.
+    ref = {n: torch.zeros_like(p) for n, p in full.named_parameters()}
+    for r in range(world):
+        x, gy = _inputs(r, c)
+        x.requires_grad_()
+        full.zero_grad()
+        y = full(x)
+        ((y * gy).sum() + full.aux_loss).backward()
+        for n, p in full.named_parameters():
+            ref[n] += p.grad
+        if r == rank:
+            y_ref, gx_ref, aux_ref = y.detach(), x.grad, full.aux_loss.detach()
+            tpe_ref, drop_ref = full.last_stats["tokens_per_expert"], full.last_stats["drop_fraction"]
+    x, gy = _inputs(rank, c)
+    x.requires_grad_()
+    y = ep(x)
+    assert y.shape == x.shape
+    ((y * gy).sum() + ep.aux_loss).backward()
+    all_reduce_gradients(ep, groups.dp_group if groups else None)
+    torch.testing.assert_close(y, y_ref, **close)
+    torch.testing.assert_close(x.grad, gx_ref, **close)
+    torch.testing.assert_close(ep.aux_loss.detach(), aux_ref, **close)
+    assert torch.equal(ep.last_stats["tokens_per_expert"], tpe_ref)
+    torch.testing.assert_close(ep.last_stats["drop_fraction"], drop_ref)
+    lo, hi = ep.local_expert_ids[0], ep.local_expert_ids[-1] + 1
+    names = [n for n, _ in ep.named_parameters()]
+    assert sorted(names) == sorted(n for n, _ in full.named_parameters())
+    for n, p in ep.named_parameters():
+        want = ref[n][lo:hi] if n.startswith("experts.") else ref[n]
+        torch.testing.assert_close(p.grad, want, **close, msg=lambda m: f"rank {rank} grad {n}: {m}")
+    return {"rank": rank, "T": c["Ts"][rank], "received": ep.last_stats["tokens_per_local_expert"].tolist(),
+            "comm": ep.last_comm}
+
+
+def _cases_worker(rank, world, runs, check_errors=False):
+    """runs: [(ep_size or None for pure EP, [case, ...]), ...] in one set of processes."""
+    from moe_ext.parallel import make_ep_dp_groups
+    if check_errors:
+        _check_errors()
+    out = []
+    for ep_size, cases in runs:
+        groups = make_ep_dp_groups(ep_size) if ep_size else None
+        out += [_check_case(rank, world, c, groups) for c in cases]
+    return out
+
+
+def _check_errors():
+    from moe_ext.parallel import shard_experts
+    layer = moe_ext.MoELayer(8, 8, 3, 1)
+    with pytest.raises(ValueError, match=r"num_experts = 3 is not divisible by the expert-parallel group size 2"):
+        shard_experts(layer)
+    with pytest.raises(TypeError, match="MoELayer"):
+        shard_experts(torch.nn.Linear(2, 2))
+
+
+def test_expert_parallel_two_ranks_matches_unsharded():
+    base = dict(H=12, F=10, E=4, k=2)
+    cases = [
+        # Two local experts per rank (regrouping path), biases, losses, uneven T.
+        dict(base, Ts=[7, 12], kw=dict(bias=True, aux_loss_coef=0.01, z_loss_coef=0.001)),
+        # A rank with no tokens, capacity with drops, batch dims.
+        dict(base, Ts=[0, 9], kw=dict(capacity_factor=0.75, aux_loss_coef=0.01), batch_dims=True),
+        dict(base, Ts=[11, 0], kw=dict(capacity_factor=1.0)),
+        # One local expert per rank, top-1, shared experts, non-gated activation, sigmoid scores.
+        dict(H=8, F=6, E=2, k=1, Ts=[5, 6], kw=dict(num_shared_experts=1, activation="gelu_no_mul",
+                                                   score_func="sigmoid")),
+        # Every rank's tokens on one rank's experts is possible; also top-k = E.
+        dict(H=8, F=6, E=4, k=4, Ts=[3, 2]),
+        # Routing policies are per rank, so they shard unchanged.
+        dict(base, Ts=[9, 6], kw=dict(capacity_factor=0.5, overflow="reroute")),
+        dict(base, Ts=[6, 9], kw=dict(routing="expert_choice", capacity_factor=1.0)),
+    ]
+    # Also: E % world != 0 is a clear error (see test_indivisible_experts_error).
+    out = launch(_cases_worker, 2, [(None, cases)], True, timeout_s=TIMEOUT_S)
+    # Sanity: tokens actually crossed ranks.
+    assert sum(r[0]["comm"]["dispatch_rows_sent"] for r in out) > 0
+    assert out[0][1]["T"] == 0 and out[0][1]["comm"]["dispatch_rows_sent"] == 0
+
+
+def test_expert_parallel_four_ranks_ep2_dp2_and_pure_ep():
+    # EP=2 x DP=2: expert grads all-reduced over the DP group, router/shared grads over the world.
+    ep_dp = [dict(H=10, F=8, E=4, k=2, Ts=[5, 0, 8, 3], kw=dict(bias=True, num_shared_experts=1,
+                                                                aux_loss_coef=0.01))]
+    pure = [dict(H=10, F=8, E=8, k=3, Ts=[4, 9, 0, 6])]
+    out = launch(_cases_worker, 4, [(2, ep_dp), (None, pure)], timeout_s=TIMEOUT_S)
+    assert [o[0]["comm"]["send_splits"].__len__() for o in out] == [2] * 4
+    assert [o[1]["comm"]["send_splits"].__len__() for o in out] == [4] * 4
+
+
+def test_indivisible_experts_error():
+    # In a live group too: test_expert_parallel_two_ranks_matches_unsharded (check_errors).
+    with pytest.raises(ValueError, match="not divisible"):
+        expert_range(6, 4, 0)
+    assert expert_range(6, 3, 2) == (4, 6)
+
+
+def _hang_worker(rank, world):
+    import time
+    if rank == 0:
+        time.sleep(60)
+    return rank
+
+
+def test_launcher_fails_instead_of_hanging():
+    with pytest.raises(RuntimeError, match="timed out"):
+        launch(_hang_worker, 2, timeout_s=3)
+
+
+def _fail_worker(rank, world):
+    import torch.distributed as dist
+    if rank == 1:
+        raise RuntimeError("boom on rank 1")
+    dist.barrier()  # would wait for rank 1 until the collective timeout; the launcher terminates it
+    return rank
+
+
+def test_launcher_reports_worker_failure_quickly():
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="boom on rank 1"):
+        launch(_fail_worker, 2, timeout_s=TIMEOUT_S)
+    assert time.monotonic() - t0 < 45
+
+
+def test_parallel_bench_runs():
+    from moe_ext import parallel_bench
+    res = parallel_bench.run(world=2, tokens=64, hidden=32, ffn=32, experts=4, topk=2, iters=2, warmup=1,
+                             timeout_s=TIMEOUT_S)
+    assert len(res) == 2
+    for r in res:
+        assert r["model_bytes_fwd"] == 2 * 2 * 64 * 32 * 0.5 * 4
+        assert 0 < r["measured_bytes_fwd"] <= 2 * 2 * 64 * 32 * 4
+        assert 0 <= r["comm_s"] <= r["step_s"]
+    table = parallel_bench.format_table(res)
+    assert "comm" in table and len(table.splitlines()) == 3
