@@ -18,6 +18,10 @@ enum class ScoreFunc : int { kSoftmax = 0, kSigmoid = 1 };
 //   kTopkThenSoftmax: pick the k largest logits, softmax over the k chosen (TE use_pre_softmax=False).
 enum class GateOrder : int { kSoftmaxThenTopk = 0, kTopkThenSoftmax = 1 };
 
+// Tokens per partial block of the per-expert sums (score_sum, tokens_per_expert): each block's sum
+// runs over its tokens in order, then the blocks combine in fixed_order_sum order, on both back ends.
+constexpr int64_t kGateTokenBlock = 16;
+
 struct GatingParams {
   int64_t num_tokens;
   int num_experts;
@@ -48,7 +52,43 @@ MOE_HD bool ranks_before(T a, int ia, T b, int ib) {
 }
 
 // Routing maths runs in acc_t: float for fp32/fp16/bf16 inputs, double for fp64 (gradcheck).
-MOE_HD float moe_exp(float x) { return expf(x); }
+//
+// Bit-identical CPU and GPU routing: expert ids are picked by comparing scores, so both back ends
+// must compute the same float for every score. libm's expf and CUDA's expf round differently, so the
+// float exp is written here from + - * / and floor only (Cody-Waite reduction and the Cephes
+// polynomial, about 1 ulp). This only holds without a*b+c contraction: the build compiles host code
+// with -ffp-contract=off and the routing .cu files with --fmad=false (CMakeLists.txt).
+MOE_HD float moe_pow2i(int n) {  // 2^n for n in [-126, 127]
+  const int bits = (n + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+MOE_HD float moe_exp(float x) {
+  if (x != x) return x;
+  if (x > 88.72283935546875f) return INFINITY;
+  if (x < -103.972084045410156f) return 0.0f;
+  const float n = floorf(x * 1.44269504088896341f + 0.5f);
+  // ln2 split so that n * kLn2Hi is exact for |n| <= 151
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  const float y = q * (r * r) + r + 1.0f;
+  // two exact power-of-two steps keep 2^n representable; only the last product can round (subnormals)
+  const int ni = static_cast<int>(n);
+  const int n1 = ni / 2;
+  return y * moe_pow2i(n1) * moe_pow2i(ni - n1);
+}
 MOE_HD double moe_exp(double x) { return exp(x); }
 MOE_HD float moe_log(float x) { return logf(x); }
 MOE_HD double moe_log(double x) { return log(x); }
@@ -114,6 +154,31 @@ MOE_HD T score_backward(ScoreFunc f, T score, T dscore, T dot) {
 // The CPU kernel calls these per token; a CUDA thread can call them as they are, and the
 // warp-parallel CUDA kernel reuses every helper above, so all back ends share this arithmetic.
 
+// The one summation order of every per-expert (or per-block) float sum, chosen so that a CUDA warp
+// reproduces it exactly: element i goes to lane i % 32 (each lane sums its elements in increasing i,
+// from 0), then the 32 lane sums combine as a warp's xor-butterfly does (lane l with lane l + 16,
+// then + 8, ... + 1). lane_tree<1> is that butterfly written as a compile-time recursion (no array,
+// so no local memory when a CUDA thread calls it).
+constexpr int kSumLanes = 32;
+
+template <int Stride, typename T, typename LaneSum>
+MOE_HD T lane_tree(int lane, const LaneSum& lane_sum) {
+  if constexpr (Stride == kSumLanes) {
+    return lane_sum(lane);
+  } else {
+    return lane_tree<2 * Stride, T>(lane, lane_sum) + lane_tree<2 * Stride, T>(lane + Stride, lane_sum);
+  }
+}
+
+template <typename T, typename ValAt>
+MOE_HD T fixed_order_sum(int64_t n, const ValAt& val_at) {
+  return lane_tree<1, T>(0, [&](int lane) {
+    T s = T(0);
+    for (int64_t i = lane; i < n; i += kSumLanes) s += val_at(i);
+    return s;
+  });
+}
+
 template <typename T, typename In>
 MOE_HD void row_softmax_stats(const In* logits, int E, T* row_max, T* sum) {
   T m = T(-INFINITY);
@@ -121,16 +186,31 @@ MOE_HD void row_softmax_stats(const In* logits, int E, T* row_max, T* sum) {
     const T l = T(logits[e]);
     if (l > m) m = l;  // NaN never compares greater: a NaN row keeps m finite where it can
   }
-  T s = T(0);
-  for (int e = 0; e < E; ++e) s += moe_exp(T(logits[e]) - m);
   *row_max = m;
-  *sum = s;
+  *sum = fixed_order_sum<T>(E, [&](int64_t e) { return moe_exp(T(logits[e]) - m); });
 }
 
 MOE_HD bool id_taken(const int* ids, int n, int e) {
   for (int i = 0; i < n; ++i)
     if (ids[i] == e) return true;
   return false;
+}
+
+// A group's score: the sum of the two best selection keys among experts [first, last), ranked with
+// the shared order (the key itself if the group holds one expert).
+template <typename T, typename KeyAt>
+MOE_HD T group_score(int first, int last, const KeyAt& key_at) {
+  int i1 = -1, i2 = -1;
+  T v1 = T(0), v2 = T(0);
+  for (int e = first; e < last; ++e) {
+    const T key = key_at(e);
+    if (i1 < 0 || ranks_before(key, e, v1, i1)) {
+      i2 = i1; v2 = v1; i1 = e; v1 = key;
+    } else if (i2 < 0 || ranks_before(key, e, v2, i2)) {
+      i2 = e; v2 = key;
+    }
+  }
+  return i2 < 0 ? v1 : v1 + v2;
 }
 
 // Group-limited routing (DeepSeek-V3): a group's score is the sum of its two best selection keys;
@@ -145,18 +225,9 @@ MOE_HD uint64_t select_groups(const GatingParams& p, const In* logits, const T* 
     T best_val = T(0);
     for (int g = 0; g < p.num_groups; ++g) {
       if (kept >> g & 1) continue;
-      // top-2 of the group's keys, ranked with the shared order
-      int i1 = -1, i2 = -1;
-      T v1 = T(0), v2 = T(0);
-      for (int e = g * gsize; e < (g + 1) * gsize; ++e) {
-        const T key = selection_key(p, T(logits[e]), score[e], bias ? bias[e] : T(0));
-        if (i1 < 0 || ranks_before(key, e, v1, i1)) {
-          i2 = i1; v2 = v1; i1 = e; v1 = key;
-        } else if (i2 < 0 || ranks_before(key, e, v2, i2)) {
-          i2 = e; v2 = key;
-        }
-      }
-      const T gval = i2 < 0 ? v1 : v1 + v2;
+      const T gval = group_score<T>(g * gsize, (g + 1) * gsize, [&](int e) {
+        return selection_key(p, T(logits[e]), score[e], bias ? bias[e] : T(0));
+      });
       if (best < 0 || ranks_before(gval, g, best_val, best)) {
         best = g;
         best_val = gval;
@@ -246,7 +317,7 @@ MOE_HD void gate_token_backward(const GatingParams& p, const In* logits, const i
   }
   T dot = T(0);
   if (p.score == ScoreFunc::kSoftmax)
-    for (int e = 0; e < E; ++e) dot += score_of(p.score, T(logits[e]), m, inv_sum) * dscore[e];
+    dot = fixed_order_sum<T>(E, [&](int64_t e) { return score_of(p.score, T(logits[e]), m, inv_sum) * dscore[e]; });
 
   for (int e = 0; e < E; ++e) {
     const T l = T(logits[e]);

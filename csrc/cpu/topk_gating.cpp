@@ -1,6 +1,6 @@
 // CPU kernels of topk_gating and its backward: at::parallel_for over tokens, the per-token maths of
-// common/routing.h, and fixed-size token blocks for the per-expert sums so that results do not
-// depend on the number of threads.
+// common/routing.h, and fixed-size token blocks (kGateTokenBlock) for the per-expert sums so that
+// results depend neither on the number of threads nor on the back end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,8 +13,6 @@
 
 namespace moe_ext {
 namespace {
-
-constexpr int64_t kTokenBlock = 64;
 
 at::ScalarType routing_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -35,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gati
   auto tokens_per_expert = at::zeros({E}, logits.options().dtype(at::kInt));
   auto score_sum = at::zeros({E}, fopt);
   auto lse = at::empty({T}, fopt);
-  const int64_t nblocks = (T + kTokenBlock - 1) / kTokenBlock;
+  const int64_t nblocks = (T + kGateTokenBlock - 1) / kGateTokenBlock;
   auto partial_sum = at::zeros({nblocks, E}, fopt);
   auto partial_cnt = at::zeros({nblocks, E}, logits.options().dtype(at::kInt));
 
@@ -52,26 +50,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gati
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc> score(E);
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t t_end = std::min(T, (b + 1) * kTokenBlock);
-        for (int64_t t = b * kTokenBlock; t < t_end; ++t) {
+        const int64_t t_end = std::min(T, (b + 1) * kGateTokenBlock);
+        for (int64_t t = b * kGateTokenBlock; t < t_end; ++t) {
           gate_token<acc>(p, lp + t * E, bias_p, score.data(), ip + t * k, wp + t * k, lsep + t);
           for (int64_t e = 0; e < E; ++e) psum[b * E + e] += score[e];
           for (int64_t j = 0; j < k; ++j) pcnt[b * E + ip[t * k + j]] += 1;
         }
       }
     });
-    // Blocks are summed in block order: the same answer for any thread count.
+    // Blocks combine in fixed_order_sum order: the same answer for any thread count, and the CUDA
+    // kernel's answer.
     acc* ssp = score_sum.data_ptr<acc>();
     int* tpe = tokens_per_expert.data_ptr<int>();
     at::parallel_for(0, E, 64, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
-        acc s = 0;
         int c = 0;
-        for (int64_t b = 0; b < nblocks; ++b) {
-          s += psum[b * E + e];
-          c += pcnt[b * E + e];
-        }
-        ssp[e] = s;
+        for (int64_t b = 0; b < nblocks; ++b) c += pcnt[b * E + e];
+        ssp[e] = fixed_order_sum<acc>(nblocks, [&](int64_t b) { return psum[b * E + e]; });
         tpe[e] = c;
       }
     });
