@@ -4,6 +4,7 @@
 On the built moe_ext/_C*.so, with cuobjdump (from the CUDA toolkit, or the copy inside Triton's wheel):
   * every sm_90a CUTLASS 3.x grouped GEMM (GemmUniversal over GroupProblemShape) contains HGMMA (wgmma);
   * every sm_80 CUTLASS 2.x grouped GEMM (GemmGrouped) contains HMMA (mma.sync);
+  * each arch's kernel file was compiled for its own arch only (sm80_*.cu -> sm_8x, sm90_*.cu -> sm_90a);
   * no moe_ext grouped GEMM function (those, and the helpers in csrc/cuda/gemm) uses local memory
     (`--dump-resource-usage` LOCAL:0, i.e. no register spills, no stack arrays).
 Archs that the build has no code for are reported and skipped; the check fails when no grouped GEMM
@@ -59,9 +60,10 @@ def run(cmd):
     return p.stdout
 
 
-def elf_archs(cuobjdump, so):
+def elf_list(cuobjdump, so):
+    """[(source stem, arch)] of the cubins in the module, e.g. ("sm90_bf16_nn", "sm_90a")."""
     out = run([cuobjdump, "--list-elf", so])
-    return sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", out)))
+    return re.findall(r"ELF file\s+\d+:\s+(\S+?)\.(sm_\d+a?)\.cubin", out)
 
 
 def sass_functions(cuobjdump, so, arch):
@@ -102,9 +104,15 @@ def main(argv):
     if not cuobjdump:
         print("check_gemm_sass: cuobjdump not found (set CUOBJDUMP, CUDA_HOME, or install triton)")
         return 2
-    archs = elf_archs(cuobjdump, so)
+    elfs = elf_list(cuobjdump, so)
+    archs = sorted({a for _, a in elfs})
     print(f"module: {so}\ncuobjdump: {cuobjdump}\nSASS archs in module: {archs or 'none'}")
     failures, found = [], 0
+    for stem, arch in elfs:  # per-file arch: no kernel compiled for an arch it cannot use
+        if (stem.startswith("sm80_") and not arch.startswith("sm_8")) or (stem.startswith("sm90_") and arch != "sm_90a"):
+            failures.append(f"{stem} was compiled for {arch} (expected only its own arch)")
+    gemm_files = sorted(f"{s_}:{a}" for s_, a in elfs if s_.startswith(("sm80_", "sm90_")))
+    print(f"grouped GEMM cubins: {', '.join(gemm_files) or 'none'}")
     for arch in archs:
         funcs = sass_functions(cuobjdump, so, arch)
         usage = resource_usage(cuobjdump, so, arch)
