@@ -84,12 +84,13 @@ def _rotation(bytes_per_set):
 def _make_sets(S, K, N, E, dtype, backward, n_sets, gen):
     sets = []
     for _ in range(n_sets):
+        # generated in the target dtype directly: an fp32 copy of DeepSeek-V3's w1 would be 30 GB
         s = {
-            "a": torch.randn(S, K, generator=gen, device="cuda", dtype=torch.float32).to(dtype),
-            "b": (torch.randn(E, K, N, generator=gen, device="cuda", dtype=torch.float32) * K**-0.5).to(dtype),
+            "a": torch.randn(S, K, generator=gen, device="cuda", dtype=dtype),
+            "b": torch.randn(E, K, N, generator=gen, device="cuda", dtype=dtype).mul_(K**-0.5),
         }
         if backward:
-            s["dc"] = torch.randn(S, N, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+            s["dc"] = torch.randn(S, N, generator=gen, device="cuda", dtype=dtype)
         sets.append(s)
     return sets
 
