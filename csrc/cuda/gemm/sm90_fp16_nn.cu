@@ -1,0 +1,4 @@
+// CUTLASS 3.x grouped GEMM, sm_90a, fp16, forward, b [E,K,N]. One instantiation per file (compile time).
+#include "sm90_grouped.cuh"
+
+MOE_EXT_SM90_GROUPED_GEMM(sm90_fp16_nn, cutlass::half_t, moe_ext::gemm::Form::kFwdNN)

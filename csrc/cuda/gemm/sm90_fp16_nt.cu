@@ -1,0 +1,4 @@
+// CUTLASS 3.x grouped GEMM, sm_90a, fp16, forward with trans_b, b [E,N,K]. One instantiation per file (compile time).
+#include "sm90_grouped.cuh"
+
+MOE_EXT_SM90_GROUPED_GEMM(sm90_fp16_nt, cutlass::half_t, moe_ext::gemm::Form::kFwdNT)

@@ -1,0 +1,242 @@
+// CUDA entry points of grouped_gemm and grouped_gemm_wgrad: checks (shared with the CPU kernels),
+// device guard, current stream, kernel choice, workspace. The kernels are in csrc/cuda/gemm/:
+//   bf16/fp16, sm_90        CUTLASS 3.x pointer-array grouped GEMM (TMA, warp-specialised, wgmma)
+//   bf16/fp16, sm_80..sm_89 CUTLASS 2.x GemmGrouped with device-side scheduling (mma.sync)
+//   fp32 (exact, no tf32), fp64, and 16-bit inputs whose K/N (P/Q) are not multiples of 8 or whose
+//   data is not 16-byte aligned: a simple CUDA-core tiled kernel (correct, slow; see docs/grouped_gemm.md)
+// Nothing here reads expert_offsets on the host: per-expert problems are built on the device, so the
+// ops never synchronise and can be captured in CUDA graphs.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <cstdint>
+#include <string>
+
+#include "../common/build_config.h"
+#include "../common/checks.h"
+#include "gemm/grouped_gemm_launch.h"
+
+// Which kernel families CMakeLists.txt compiled (archs in TORCH_CUDA_ARCH_LIST, CUTLASS found, and the
+// MOE_EXT_DISABLE_SM80 / MOE_EXT_DISABLE_SM90 / MOE_EXT_DISABLE_FP16 switches).
+#ifndef MOE_EXT_GEMM_SM80
+#define MOE_EXT_GEMM_SM80 0
+#endif
+#ifndef MOE_EXT_GEMM_SM90
+#define MOE_EXT_GEMM_SM90 0
+#endif
+#ifndef MOE_EXT_GEMM_FP16
+#define MOE_EXT_GEMM_FP16 0
+#endif
+#ifndef MOE_EXT_GEMM_NOTE
+#define MOE_EXT_GEMM_NOTE ""
+#endif
+
+namespace moe_ext {
+namespace {
+
+using gemm::Form;
+using gemm::GroupedGemmArgs;
+
+using WorkspaceFn = size_t (*)(const GroupedGemmArgs&);
+using RunFn = const char* (*)(const GroupedGemmArgs&, void*, size_t, cudaStream_t);
+struct KernelFns {
+  WorkspaceFn workspace = nullptr;
+  RunFn run = nullptr;
+};
+
+#define MOE_EXT_KERNEL_FNS(NAME) KernelFns{&gemm::grouped_gemm_##NAME##_workspace, &gemm::grouped_gemm_##NAME##_run}
+
+const char* form_name(Form f) {
+  return f == Form::kFwdNN ? "forward NN" : (f == Form::kFwdNT ? "forward NT (trans_b)" : "wgrad TN");
+}
+
+std::string device_desc(const cudaDeviceProp& p) {
+  return std::string(p.name) + " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + ")";
+}
+
+std::string compiled_archs() {
+  std::string s = "[";
+  for (const auto& a : build_cuda_archs()) s += (s.size() > 1 ? ", " : "") + a;
+  return s + "]";
+}
+
+// The CUTLASS kernel for (device, dtype, form), or an error that says why there is none.
+KernelFns find_cutlass_kernel(const char* op, const cudaDeviceProp& prop, at::ScalarType dtype, Form form) {
+  TORCH_CHECK(MOE_EXT_WITH_CUTLASS, "moe_ext.", op, ": the CUDA ", dtype,
+              " grouped GEMM needs CUTLASS, which was not found when moe_ext was built. Install its headers "
+              "(pip install --no-deps nvidia-cutlass==4.2.0.0, or set MOE_EXT_CUTLASS_DIR to a CUTLASS "
+              "include dir) and rebuild; float32 inputs run without CUTLASS (slow CUDA-core kernel)");
+  const bool fp16 = dtype == at::kHalf;
+  TORCH_CHECK(!fp16 || MOE_EXT_GEMM_FP16, "moe_ext.", op,
+              ": the float16 grouped GEMM kernels were compiled out (MOE_EXT_DISABLE_FP16=1 at build time). "
+              "Use bfloat16 inputs, or rebuild without MOE_EXT_DISABLE_FP16");
+  const bool sm90 = prop.major == 9 && prop.minor == 0;
+  const bool sm8x = prop.major == 8;
+  if (sm90) {
+#if MOE_EXT_GEMM_SM90
+    switch (form) {
+      case Form::kFwdNN: return fp16 ? MOE_EXT_KERNEL_FNS(sm90_fp16_nn) : MOE_EXT_KERNEL_FNS(sm90_bf16_nn);
+      case Form::kFwdNT: return fp16 ? MOE_EXT_KERNEL_FNS(sm90_fp16_nt) : MOE_EXT_KERNEL_FNS(sm90_bf16_nt);
+      case Form::kWgradTN: return fp16 ? MOE_EXT_KERNEL_FNS(sm90_fp16_tn) : MOE_EXT_KERNEL_FNS(sm90_bf16_tn);
+    }
+#endif
+  } else if (sm8x) {
+#if MOE_EXT_GEMM_SM80
+    switch (form) {
+      case Form::kFwdNN: return fp16 ? MOE_EXT_KERNEL_FNS(sm80_fp16_nn) : MOE_EXT_KERNEL_FNS(sm80_bf16_nn);
+      case Form::kFwdNT: return fp16 ? MOE_EXT_KERNEL_FNS(sm80_fp16_nt) : MOE_EXT_KERNEL_FNS(sm80_bf16_nt);
+      case Form::kWgradTN: return fp16 ? MOE_EXT_KERNEL_FNS(sm80_fp16_tn) : MOE_EXT_KERNEL_FNS(sm80_bf16_tn);
+    }
+#endif
+  }
+  TORCH_CHECK(false, "moe_ext.", op, ": no ", dtype, " grouped GEMM kernel (", form_name(form), ") for ",
+              device_desc(prop), ". This build has CUDA code for archs ", compiled_archs(),
+              " (TORCH_CUDA_ARCH_LIST)", std::string(MOE_EXT_GEMM_NOTE),
+              "; the grouped GEMM kernels exist for sm_80..sm_89 (CUTLASS 2.x, arch 8.x in the list) and "
+              "sm_90 (CUTLASS 3.x, needs 9.0a in the list). Rebuild with this device's arch, e.g. "
+              "TORCH_CUDA_ARCH_LIST=\"", prop.major == 9 ? "9.0a" : "8.0", "\"");
+  return {};
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Which of the simple kernel's dtype codes (grouped_gemm_launch.h).
+int simt_dtype(at::ScalarType d) {
+  switch (d) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kHalf: return 2;
+    default: return 3;
+  }
+}
+
+// Runs the grouped GEMM described by `args` on the current stream: CUTLASS when the dtype is 16-bit
+// and the layout meets its 16-byte alignment, the simple kernel otherwise.
+void run_grouped(const char* op, GroupedGemmArgs& args, at::ScalarType dtype, bool cutlass_ok,
+                 const at::Tensor& like, cudaStream_t stream) {
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  if (!half || !cutlass_ok) {
+    C10_CUDA_CHECK(gemm::grouped_gemm_simt(args, simt_dtype(dtype), stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const cudaDeviceProp& prop = *at::cuda::getDeviceProperties(args.device);
+  const KernelFns k = find_cutlass_kernel(op, prop, dtype, args.form);
+  const size_t bytes = k.workspace(args);
+  auto ws = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  const char* err = k.run(args, ws.data_ptr(), bytes, stream);
+  TORCH_CHECK(err == nullptr, "moe_ext.", op, ": CUTLASS grouped GEMM (", form_name(args.form), ", ", dtype,
+              ", ", device_desc(prop), ") failed: ", err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets,
+                             bool trans_b, const std::optional<at::Tensor>& bias) {
+  const char* op = "grouped_gemm";
+  check_grouped_gemm(a, b, expert_offsets, trans_b, bias);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t M = a.size(0), K = a.size(1), E = b.size(0);
+  const int64_t N = trans_b ? b.size(1) : b.size(2);
+  auto c = at::empty({M, N}, a.options());
+  if (M == 0 || N == 0) return c;
+  const auto a_c = a.contiguous();
+  const auto b_c = b.contiguous();
+  const auto offs = expert_offsets.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int dev = a.get_device();
+  const int sm_count = at::cuda::getDeviceProperties(dev)->multiProcessorCount;
+  const int elem = static_cast<int>(a.element_size());
+
+  // Prologue: zero the rows outside [offsets[0], offsets[E]); with bias, every expert row starts as
+  // bias[e] and the GEMM adds to it (beta = 1).
+  std::optional<at::Tensor> bias_c;
+  if (bias.has_value()) bias_c = bias->contiguous();
+  if (K == 0 || E == 0) {  // nothing to multiply: c = bias rows (or zeros)
+    if (bias_c.has_value() && E > 0) {
+      C10_CUDA_CHECK(gemm::grouped_gemm_prefill(c.data_ptr(), bias_c->data_ptr(), offs.data_ptr<int64_t>(), E, M, N,
+                                                elem, sm_count, stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      c.zero_();
+    }
+    return c;
+  }
+  C10_CUDA_CHECK(gemm::grouped_gemm_prefill(c.data_ptr(), bias_c.has_value() ? bias_c->data_ptr() : nullptr,
+                                            offs.data_ptr<int64_t>(), E, M, N, elem, sm_count, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  GroupedGemmArgs args{};
+  args.form = trans_b ? Form::kFwdNT : Form::kFwdNN;
+  args.a = a_c.data_ptr();
+  args.b = b_c.data_ptr();
+  args.c = c.data_ptr();
+  args.offsets = offs.data_ptr<int64_t>();
+  args.rows = M;
+  args.dim_in = K;
+  args.dim_out = N;
+  args.num_experts = E;
+  args.accumulate = bias_c.has_value();
+  args.sm_count = sm_count;
+  args.device = dev;
+  const bool cutlass_ok = K % 8 == 0 && N % 8 == 0 && aligned16(a_c) && aligned16(b_c) && aligned16(c) &&
+                          M <= INT_MAX && K <= INT_MAX && N <= INT_MAX && E <= INT_MAX;
+  run_grouped(op, args, a.scalar_type(), cutlass_ok, a, stream);
+  return c;
+}
+
+at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& x, const at::Tensor& y, const at::Tensor& expert_offsets) {
+  const char* op = "grouped_gemm_wgrad";
+  check_grouped_gemm_wgrad(x, y, expert_offsets);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), P = x.size(1), Q = y.size(1);
+  const int64_t E = expert_offsets.size(0) - 1;
+  auto out = at::empty({E, P, Q}, x.options());
+  if (out.numel() == 0) return out;
+  if (M == 0) return out.zero_();
+  const auto x_c = x.contiguous();
+  const auto y_c = y.contiguous();
+  const auto offs = expert_offsets.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int dev = x.get_device();
+  const int sm_count = at::cuda::getDeviceProperties(dev)->multiProcessorCount;
+
+  GroupedGemmArgs args{};
+  args.form = Form::kWgradTN;
+  args.a = x_c.data_ptr();
+  args.b = y_c.data_ptr();
+  args.c = out.data_ptr();
+  args.offsets = offs.data_ptr<int64_t>();
+  args.rows = M;
+  args.dim_in = P;
+  args.dim_out = Q;
+  args.num_experts = E;
+  args.accumulate = false;
+  args.sm_count = sm_count;
+  args.device = dev;
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const bool cutlass_ok = P % 8 == 0 && Q % 8 == 0 && aligned16(x_c) && aligned16(y_c) && aligned16(out) &&
+                          M <= INT_MAX && P <= INT_MAX && Q <= INT_MAX && E <= INT_MAX;
+  run_grouped(op, args, x.scalar_type(), cutlass_ok, x, stream);
+  if (half && cutlass_ok) {
+    // CUTLASS got 0x0x0 problems for experts without rows (k = 0 is mishandled, cutlass PR #1593);
+    // their gradient is zero. The simple kernel writes those zeros itself.
+    C10_CUDA_CHECK(gemm::grouped_gemm_zero_empty_experts(out.data_ptr(), offs.data_ptr<int64_t>(), E, P * Q,
+                                                         static_cast<int>(out.element_size()), sm_count, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_ext, CUDA, m) {
+  m.impl("grouped_gemm", &grouped_gemm_cuda);
+  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad_cuda);
+}
+
+}  // namespace moe_ext

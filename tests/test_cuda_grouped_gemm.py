@@ -1,0 +1,354 @@
+"""CUDA grouped GEMM (torch.ops.moe_ext.grouped_gemm / grouped_gemm_wgrad) against an fp32 reference.
+
+Runs only on a CUDA GPU. Covers the three forms (forward NN, forward NT = trans_b, wgrad TN), bias,
+group sizes uniform / Zipf-skewed / all on one expert / most experts empty, rows outside the offsets,
+sizes that are and are not multiples of 8 (CUTLASS path and the CUDA-core fallback), fp32 and fp64,
+sync-debug "error" mode, CUDA-graph capture and replay with new group sizes, and opcheck.
+Accuracy rule (flash-attention's): the kernel's error against the fp32 reference is at most twice the
+error of per-expert torch.matmul in the same dtype, plus a small absolute slack.
+"""
+import math
+import zlib
+
+import pytest
+import torch
+
+import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+ops = torch.ops.moe_ext
+DEV = "cuda"
+ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def group_sizes(kind, rows, E, gen):
+    """Rows per expert summing to `rows`."""
+    if kind == "uniform":
+        counts = torch.full((E,), rows // E, dtype=torch.int64)
+        counts[: rows % E] += 1
+    elif kind == "zipf":
+        w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
+        w = w[torch.randperm(E, generator=gen)]
+        counts = torch.bincount(torch.multinomial(w, rows, replacement=True, generator=gen), minlength=E)
+    elif kind == "one":
+        counts = torch.zeros(E, dtype=torch.int64)
+        counts[E // 2] = rows
+    elif kind == "most_empty":
+        counts = torch.zeros(E, dtype=torch.int64)
+        live = torch.randperm(E, generator=gen)[: min(3, E)]
+        counts[live] = rows // len(live)
+        counts[live[0]] += rows - counts.sum()
+    else:
+        raise ValueError(kind)
+    assert int(counts.sum()) == rows
+    return counts
+
+
+def make_offsets(counts, front=0):
+    """Host offsets [E+1] starting at `front` (rows before it belong to no expert)."""
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]) + front
+
+
+def randn(*shape, dtype, gen, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype).to(DEV)
+
+
+def poison_allocator(nbytes=1 << 26):
+    """Leave NaN bit patterns in the caching allocator, so that an output the kernel forgets to write
+    shows up instead of reading back as zeros."""
+    t = torch.full((nbytes // 4,), float("nan"), device=DEV)
+    del t
+
+
+# ------------------------------------------------------------------------------------------ reference
+def ref_forward(a, b, offs_host, trans_b, bias=None, dtype=torch.float32):
+    """Per-expert torch.matmul in `dtype` (fp32: the reference; a, b's dtype: torch's own error)."""
+    M = a.shape[0]
+    E = b.shape[0]
+    N = b.shape[1] if trans_b else b.shape[2]
+    out = torch.zeros(M, N, device=a.device, dtype=dtype)
+    for e in range(E):
+        lo, hi = int(offs_host[e]), int(offs_host[e + 1])
+        if hi == lo:
+            continue
+        be = b[e].to(dtype)
+        be = be.t() if trans_b else be
+        r = a[lo:hi].to(dtype) @ be
+        if bias is not None:
+            r = r + bias[e].to(dtype)
+        out[lo:hi] = r
+    return out
+
+
+def ref_wgrad(x, y, offs_host, dtype=torch.float32):
+    E = offs_host.numel() - 1
+    out = torch.zeros(E, x.shape[1], y.shape[1], device=x.device, dtype=dtype)
+    for e in range(E):
+        lo, hi = int(offs_host[e]), int(offs_host[e + 1])
+        if hi > lo:
+            out[e] = x[lo:hi].to(dtype).t() @ y[lo:hi].to(dtype)
+    return out
+
+
+def assert_accurate(out, ref32, out_torch, dtype):
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    err = (out.double() - ref32.double()).abs().max().item()
+    err_torch = (out_torch.double() - ref32.double()).abs().max().item()
+    tol = 2 * err_torch + ATOL[dtype] * max(1.0, ref32.abs().max().item())
+    assert err <= tol, f"max abs error {err:.3g} > 2 x torch's {err_torch:.3g} + slack (tol {tol:.3g})"
+
+
+# ------------------------------------------------------------------------------------------- forward
+FWD_SHAPES = [  # (M, E, K, N)
+    (256, 4, 128, 256),
+    (1000, 16, 72, 40),     # not multiples of 128
+    (3000, 8, 200, 136),
+    (517, 5, 33, 17),       # not multiples of 8: CUDA-core fallback for 16-bit
+    (4096, 64, 256, 384),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["uniform", "zipf", "one", "most_empty"])
+@pytest.mark.parametrize("shape", FWD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("trans_b", [False, True], ids=["nn", "nt"])
+def test_forward(dtype, kind, shape, trans_b):
+    M, E, K, N = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((M, E, K, N, kind, trans_b)).encode()))
+    front, back = 3, 5  # rows outside [offsets[0], offsets[E]) must come out zero
+    counts = group_sizes(kind, M - front - back, E, gen)
+    offs_host = make_offsets(counts, front)
+    a = randn(M, K, dtype=dtype, gen=gen)
+    b = randn(E, N, K, dtype=dtype, gen=gen, scale=K ** -0.5) if trans_b else randn(E, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    poison_allocator()
+    out = ops.grouped_gemm(a, b, offs_host.to(DEV), trans_b)
+    ref = ref_forward(a, b, offs_host, trans_b)
+    assert_accurate(out, ref, ref_forward(a, b, offs_host, trans_b, dtype=dtype), dtype)
+    assert (out[:front] == 0).all() and (out[M - back:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("trans_b", [False, True], ids=["nn", "nt"])
+@pytest.mark.parametrize("shape", [(777, 8, 128, 264), (300, 6, 40, 9)], ids=["aligned", "fallback"])
+def test_forward_bias(dtype, trans_b, shape):
+    M, E, K, N = shape
+    gen = torch.Generator().manual_seed(7)
+    counts = group_sizes("zipf", M - 10, E, gen)
+    counts[1] = 0  # an empty expert between non-empty ones
+    counts[0] += M - 10 - counts.sum()
+    offs_host = make_offsets(counts, 4)
+    a = randn(M, K, dtype=dtype, gen=gen)
+    b = randn(E, N, K, dtype=dtype, gen=gen, scale=K ** -0.5) if trans_b else randn(E, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    bias = randn(E, N, dtype=dtype, gen=gen)
+    poison_allocator()
+    out = ops.grouped_gemm(a, b, offs_host.to(DEV), trans_b, bias)
+    ref = ref_forward(a, b, offs_host, trans_b, bias)
+    assert_accurate(out, ref, ref_forward(a, b, offs_host, trans_b, bias, dtype=dtype), dtype)
+    assert (out[:4] == 0).all() and (out[M - 6:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_forward_large(dtype):
+    """M = 65536 rows over E = 256 experts, Zipf-skewed, K/N not multiples of 128."""
+    M, E, K, N = 65536, 256, 200, 328
+    gen = torch.Generator().manual_seed(3)
+    offs_host = make_offsets(group_sizes("zipf", M, E, gen))
+    a = randn(M, K, dtype=dtype, gen=gen)
+    b = randn(E, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    out = ops.grouped_gemm(a, b, offs_host.to(DEV), False)
+    assert_accurate(out, ref_forward(a, b, offs_host, False), ref_forward(a, b, offs_host, False, dtype=dtype), dtype)
+
+
+def test_forward_edge_cases():
+    gen = torch.Generator().manual_seed(11)
+    E, K, N = 4, 64, 32
+    b = randn(E, K, N, dtype=torch.bfloat16, gen=gen)
+    bias = randn(E, N, dtype=torch.bfloat16, gen=gen)
+    # all rows outside the experts
+    a = randn(10, K, dtype=torch.bfloat16, gen=gen)
+    offs = torch.full((E + 1,), 4, dtype=torch.int64)
+    poison_allocator()
+    assert (ops.grouped_gemm(a, b, offs.to(DEV)) == 0).all()
+    # no rows
+    assert ops.grouped_gemm(a[:0], b, torch.zeros(E + 1, dtype=torch.int64, device=DEV)).shape == (0, N)
+    # K = 0: bias rows (or zeros)
+    a0 = torch.empty(6, 0, dtype=torch.bfloat16, device=DEV)
+    b0 = torch.empty(E, 0, N, dtype=torch.bfloat16, device=DEV)
+    offs = torch.tensor([0, 2, 2, 5, 6], device=DEV)
+    out = ops.grouped_gemm(a0, b0, offs, False, bias)
+    expect = bias[torch.tensor([0, 0, 2, 2, 2, 3], device=DEV)]
+    assert torch.equal(out, expect)
+    assert (ops.grouped_gemm(a0, b0, offs) == 0).all()
+
+
+def test_forward_fp64_and_noncontiguous():
+    gen = torch.Generator().manual_seed(5)
+    M, E, K, N = 200, 3, 24, 16
+    offs_host = make_offsets(group_sizes("zipf", M, E, gen))
+    a = randn(M, K, dtype=torch.float64, gen=gen)
+    b = randn(E, K, N, dtype=torch.float64, gen=gen)
+    out = ops.grouped_gemm(a, b, offs_host.to(DEV))
+    torch.testing.assert_close(out, ref_forward(a, b, offs_host, False, dtype=torch.float64))
+    # a transposed view of b: the op makes it contiguous
+    a16 = randn(M, K, dtype=torch.bfloat16, gen=gen)
+    bt = randn(E, N, K, dtype=torch.bfloat16, gen=gen).transpose(1, 2)  # [E, K, N], non-contiguous
+    out = ops.grouped_gemm(a16, bt, offs_host.to(DEV))
+    assert_accurate(out, ref_forward(a16, bt, offs_host, False), ref_forward(a16, bt, offs_host, False, dtype=torch.bfloat16), torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------- wgrad
+WGRAD_SHAPES = [  # (M, E, P, Q)
+    (256, 4, 128, 256),
+    (1000, 16, 72, 40),
+    (517, 5, 33, 17),      # fallback
+    (8192, 32, 256, 136),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["uniform", "zipf", "one", "most_empty"])
+@pytest.mark.parametrize("shape", WGRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_wgrad(dtype, kind, shape):
+    M, E, P, Q = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((M, E, P, Q, kind)).encode()))
+    counts = group_sizes(kind, M - 7, E, gen)
+    offs_host = make_offsets(counts, 2)  # rows outside the experts do not contribute
+    x = randn(M, P, dtype=dtype, gen=gen)
+    y = randn(M, Q, dtype=dtype, gen=gen, scale=1.0 / math.sqrt(max(1, M // E)))
+    poison_allocator()
+    out = ops.grouped_gemm_wgrad(x, y, offs_host.to(DEV))
+    assert out.shape == (E, P, Q)
+    ref = ref_wgrad(x, y, offs_host)
+    assert_accurate(out, ref, ref_wgrad(x, y, offs_host, dtype=dtype), dtype)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    for e in empty:
+        assert (out[e] == 0).all(), f"expert {e} has no rows, its gradient must be zero"
+
+
+def test_wgrad_large_many_empty():
+    M, E, P, Q = 65536, 256, 128, 96
+    gen = torch.Generator().manual_seed(9)
+    counts = group_sizes("zipf", M, E, gen)
+    counts[::3] = 0
+    counts[1] += M - counts.sum()
+    offs_host = make_offsets(counts)
+    x = randn(M, P, dtype=torch.bfloat16, gen=gen)
+    y = randn(M, Q, dtype=torch.bfloat16, gen=gen, scale=0.05)
+    poison_allocator()
+    out = ops.grouped_gemm_wgrad(x, y, offs_host.to(DEV))
+    assert_accurate(out, ref_wgrad(x, y, offs_host), ref_wgrad(x, y, offs_host, dtype=torch.bfloat16), torch.bfloat16)
+    assert (out[::3][counts[::3] == 0] == 0).all()
+
+
+def test_wgrad_no_rows():
+    x = torch.empty(0, 16, dtype=torch.bfloat16, device=DEV)
+    y = torch.empty(0, 8, dtype=torch.bfloat16, device=DEV)
+    poison_allocator()
+    out = ops.grouped_gemm_wgrad(x, y, torch.zeros(5, dtype=torch.int64, device=DEV))
+    assert out.shape == (4, 16, 8) and (out == 0).all()
+
+
+# ---------------------------------------------------------------------- backward built from the forms
+@pytest.mark.parametrize("trans_b", [False, True], ids=["nn", "nt"])
+def test_backward_forms_match_autograd(trans_b):
+    """dgrad = grouped_gemm with trans_b flipped, wgrad = grouped_gemm_wgrad (b's layout)."""
+    gen = torch.Generator().manual_seed(21)
+    M, E, K, N = 640, 8, 128, 192
+    offs_host = make_offsets(group_sizes("zipf", M, E, gen))
+    offs = offs_host.to(DEV)
+    a = randn(M, K, dtype=torch.bfloat16, gen=gen)
+    b = randn(E, N, K, dtype=torch.bfloat16, gen=gen) if trans_b else randn(E, K, N, dtype=torch.bfloat16, gen=gen)
+    dc = randn(M, N, dtype=torch.bfloat16, gen=gen)
+    da = ops.grouped_gemm(dc, b, offs, not trans_b)
+    db = ops.grouped_gemm_wgrad(dc, a, offs) if trans_b else ops.grouped_gemm_wgrad(a, dc, offs)
+    a32, b32 = a.float().requires_grad_(), b.float().requires_grad_()
+    ref = ref_forward(a32, b32, offs_host, trans_b)
+    ref.backward(dc.float())
+    da_t = ref_forward(dc, b, offs_host, not trans_b, dtype=torch.bfloat16)
+    assert_accurate(da, a32.grad, da_t, torch.bfloat16)
+    db_t = ref_wgrad(dc, a, offs_host, torch.bfloat16) if trans_b else ref_wgrad(a, dc, offs_host, torch.bfloat16)
+    assert_accurate(db, b32.grad, db_t, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------- no host sync, CUDA graphs
+def test_no_host_sync():
+    gen = torch.Generator().manual_seed(31)
+    M, E, K, N = 1024, 16, 128, 256
+    offs = make_offsets(group_sizes("zipf", M, E, gen)).to(DEV)
+    a = randn(M, K, dtype=torch.bfloat16, gen=gen)
+    b = randn(E, K, N, dtype=torch.bfloat16, gen=gen)
+    bias = randn(E, N, dtype=torch.bfloat16, gen=gen)
+    a32 = a.float()
+    b32 = b.float()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        c = ops.grouped_gemm(a, b, offs, False, bias)
+        ops.grouped_gemm(c, b, offs, True)
+        ops.grouped_gemm_wgrad(a, c, offs)
+        ops.grouped_gemm(a32, b32, offs)       # fallback path
+        ops.grouped_gemm_wgrad(a32, a32, offs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_graph_capture_replay(dtype):
+    gen = torch.Generator().manual_seed(41)
+    M, E, K, N = 2048, 8, 128, 256
+    a = randn(M, K, dtype=dtype, gen=gen)
+    b = randn(E, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+    offs = make_offsets(group_sizes("uniform", M, E, gen)).to(DEV)
+    # warm up outside the capture (workspace allocation, kernel attributes)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            ops.grouped_gemm(a, b, offs)
+            ops.grouped_gemm_wgrad(a, a, offs)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        c = ops.grouped_gemm(a, b, offs)
+        w = ops.grouped_gemm_wgrad(a, a, offs)
+    for kind in ["zipf", "one", "most_empty"]:
+        offs_host = make_offsets(group_sizes(kind, M - 16, E, gen), 8)
+        offs.copy_(offs_host)   # new group sizes, same graph
+        a.copy_(randn(M, K, dtype=dtype, gen=gen))
+        g.replay()
+        torch.cuda.synchronize()
+        assert_accurate(c, ref_forward(a, b, offs_host, False), ref_forward(a, b, offs_host, False, dtype=dtype), dtype)
+        assert (c[:8] == 0).all() and (c[M - 8:] == 0).all()
+        assert_accurate(w, ref_wgrad(a, a, offs_host), ref_wgrad(a, a, offs_host, dtype=dtype), dtype)
+
+
+# ------------------------------------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_opcheck(dtype):
+    gen = torch.Generator().manual_seed(51)
+    M, E, K, N = 96, 4, 64, 48
+    offs = make_offsets(group_sizes("zipf", M, E, gen)).to(DEV)
+    a = randn(M, K, dtype=dtype, gen=gen)
+    b = randn(E, K, N, dtype=dtype, gen=gen)
+    bt = randn(E, N, K, dtype=dtype, gen=gen)
+    bias = randn(E, N, dtype=dtype, gen=gen)
+    torch.library.opcheck(ops.grouped_gemm.default, (a, b, offs), {"trans_b": False})
+    torch.library.opcheck(ops.grouped_gemm.default, (a, bt, offs), {"trans_b": True, "bias": bias})
+    torch.library.opcheck(ops.grouped_gemm_wgrad.default, (a, randn(M, N, dtype=dtype, gen=gen), offs))
+
+
+def test_errors_match_cpu():
+    a = torch.randn(8, 16, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(2, 15, 4, device=DEV, dtype=torch.bfloat16)
+    offs = torch.tensor([0, 4, 8], device=DEV)
+    with pytest.raises(RuntimeError, match="moe_ext.grouped_gemm: b.size"):
+        ops.grouped_gemm(a, b, offs)
+    with pytest.raises(RuntimeError, match="expert_offsets must be int64"):
+        ops.grouped_gemm_wgrad(a, a, offs.int())
