@@ -26,7 +26,7 @@ MODELS = {
 }
 FULL_NAMES = {"mixtral": "Mixtral-8x7B", "qwen3": "Qwen3-30B-A3B", "dsv3": "DeepSeek-V3",
               "seed": "seed 8x top-2", "tiny": "tiny", "tiny_ds": "tiny (DSv3 gating)"}
-CPU_SCALE = 8  # the CPU divides H and F of the real models by this
+CPU_SCALE = {"mixtral": 8, "qwen3": 8, "dsv3": 16}  # the CPU divides H and F of the real models by this
 SUITES = ("gating", "permute", "unpermute", "grouped_gemm", "layer")
 
 
@@ -45,16 +45,16 @@ class Case:
         s = self.shape
         dims = f"H={s['H']} F={s['F']} E={s['E']} k={s['k']}"
         if self.scaled:
-            dims += f" (1/{CPU_SCALE} scale for CPU)"
+            dims += f" (H, F at 1/{CPU_SCALE[self.model]} scale for CPU)"
         return f"{self.suite}/{self.model} {self.pass_} T={self.T} {self.routing} [{dims}]"
 
 
 def model_shape(name: str, device: str) -> tuple:
     s = dict(MODELS[name])
-    scaled = device == "cpu" and name in ("mixtral", "qwen3", "dsv3")
+    scaled = device == "cpu" and name in CPU_SCALE
     if scaled:
-        s["H"] //= CPU_SCALE
-        s["F"] //= CPU_SCALE
+        s["H"] //= CPU_SCALE[name]
+        s["F"] //= CPU_SCALE[name]
     return s, scaled
 
 
@@ -75,7 +75,7 @@ def plan(device: str, mode: str, suites) -> list:
         return cases
     cpu = device == "cpu"
     if mode == "quick":
-        small, large = 16, (256 if cpu else 4096)
+        small, large = 16, (128 if cpu else 4096)
         want = {
             "gating": [("mixtral", small, "uniform"), ("mixtral", large, "uniform"), ("dsv3", small, "uniform"),
                        ("dsv3", large, "zipf")],
@@ -87,7 +87,7 @@ def plan(device: str, mode: str, suites) -> list:
                       ("qwen3", large, "uniform"), ("qwen3", large, "zipf"), ("dsv3", small, "uniform"),
                       ("qwen3", large, "uniform", "fwd+bwd"), ("seed", large, "uniform", "fwd+bwd")],
         }
-        return [_case(s, *w) for s in suites for w in want.get(s, [])]
+        return [_case(s, w[0], w[1], device, *w[2:]) for s in suites for w in want.get(s, [])]
     tokens = [1, 16, 128, 1024] if cpu else [1, 4, 16, 64, 256, 1024, 4096, 16384]
     for s in suites:
         models = ["mixtral", "qwen3", "dsv3"] + (["seed"] if s == "layer" else [])

@@ -232,12 +232,14 @@ def build_grouped_gemm(case: Case, device: str, ranges: Ranges = NO_RANGES) -> B
 
 # --- the whole layer ----------------------------------------------------------------------------
 
-def ref_layer(x, rw, w1, w2, b1, b2, k, act, gating, expert_bias, logits_routed):
-    """Reference MoE layer (moe_ext.reference.topk_gating picks the experts from the logits the
-    implementation routes on; weights and experts in x's dtype, differentiable)."""
+def ref_layer(x, rw, w1, w2, b1, b2, k, act, gating, expert_bias, logits_routed, dtype):
+    """Reference MoE layer in `dtype`: moe_ext.reference.topk_gating picks the experts from the
+    logits the implementation routes on; weights, experts and sums in `dtype` (differentiable). Expert
+    weights are converted one expert at a time, so a forward reference never copies all of them."""
     g = dict(gating)
-    _, ids, *_ = R.topk_gating(logits_routed.to(x.dtype), k,
-                               expert_bias=None if expert_bias is None else expert_bias.to(x.dtype), **g)
+    x, rw = x.to(dtype), rw.to(dtype)
+    _, ids, *_ = R.topk_gating(logits_routed.to(dtype), k,
+                               expert_bias=None if expert_bias is None else expert_bias.to(dtype), **g)
     logits = F.linear(x, rw)
     score = torch.sigmoid(logits) if g.get("score_func") == "sigmoid" else torch.softmax(logits, -1)
     w = score.gather(1, ids)
@@ -245,7 +247,8 @@ def ref_layer(x, rw, w1, w2, b1, b2, k, act, gating, expert_bias, logits_routed)
     out = torch.zeros_like(x)
     for e in ids.unique().tolist():
         tok, j = (ids == e).nonzero(as_tuple=True)
-        y = R.expert_forward(x[tok], w1[e], w2[e], act, None if b1 is None else b1[e], None if b2 is None else b2[e])
+        y = R.expert_forward(x[tok], w1[e].to(dtype), w2[e].to(dtype), act, None if b1 is None else b1[e].to(dtype),
+                             None if b2 is None else b2[e].to(dtype))
         out = out.index_add(0, tok, w[tok, j].unsqueeze(-1) * y)
     return out, ids
 
@@ -293,8 +296,8 @@ def build_layer(case: Case, device: str, ranges: Ranges = NO_RANGES) -> Built:
     b.impls["moe_ext"] = wrap(lambda st: B.moe_ext_layer(st["x"], st["rw"], st["w1"], st["w2"], b1=st["b1"],
                                                          b2=st["b2"], **kw))
     b.profile_fn = wrap(lambda st: B.staged_moe(st["x"], st["rw"], st["w1"], st["w2"], b1=st["b1"], b2=st["b2"],
-                                                ranges=ranges if ranges.active else Ranges(record=True), **kw))
-    if ranges.active:  # the timed moe_ext call carries the stage ranges
+                                                ranges=Ranges(nvtx=ranges.nvtx, record=True), **kw))
+    if ranges.nvtx:  # the timed moe_ext call carries the NVTX stage ranges (--nsys)
         b.impls["moe_ext"] = wrap(lambda st: B.staged_moe(st["x"], st["rw"], st["w1"], st["w2"], b1=st["b1"],
                                                           b2=st["b2"], ranges=ranges, **kw))
     b.impls["naive"] = wrap(lambda st: R.naive_moe(st["x"], st["rw"], st["w1"], st["w2"], k, act, st["b1"], st["b2"]))
@@ -340,10 +343,13 @@ def build_layer(case: Case, device: str, ranges: Ranges = NO_RANGES) -> Built:
         key = tuple(sorted(gating.items()))
         if key not in refs:
             with torch.enable_grad():
-                leaves = {nm: st0[nm].detach().to(rd).requires_grad_(bwd) for nm in grad_names}
+                # fwd+bwd: leaves in the reference dtype (grads at full precision); fwd: the
+                # implementation's tensors, converted per expert inside ref_layer.
+                leaves = {nm: (st0[nm].detach().to(rd).requires_grad_(True) if bwd else st0[nm].detach())
+                          for nm in grad_names}
                 get = lambda nm: leaves.get(nm)  # noqa: E731
                 y, ids = ref_layer(get("x"), get("rw"), get("w1"), get("w2"), get("b1"), get("b2"), k, act, gating,
-                                   eb if gating.get("score_func") == "sigmoid" else None, logits_lp)
+                                   eb if gating.get("score_func") == "sigmoid" else None, logits_lp, rd)
                 grads = torch.autograd.grad(y, [leaves[nm] for nm in grad_names], gy.to(rd)) if bwd else ()
             refs[key] = ([y.detach()] + [t.detach() for t in grads], ids)
         return refs[key]

@@ -90,23 +90,24 @@ def _time_once(run: Callable, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def bench(fns: Dict[str, Callable], device: str, n_sets: int = 1, graph: bool = False, budget_s: float = 0.3,
+def bench(fns: Dict[str, Callable], device: str, n_sets: int = 1, graph=frozenset(), budget_s: float = 0.3,
           min_rounds: int = 5, max_rounds: int = 50, sample_s: float = 1e-3, profiler_api: bool = False,
           ranges: Ranges = NO_RANGES, warmup: int = 2) -> Dict[str, dict]:
     """Median seconds per call of each fn, sampled round-robin. Returns name -> {median, p20, p80,
-    rounds, inner, graph, notes}. budget_s bounds the time spent per implementation."""
+    rounds, inner, graph, notes}. graph: the names to time as CUDA-graph replays. budget_s bounds
+    the time spent per implementation."""
     est, runners, out = {}, {}, {}
     for name, fn in fns.items():
         notes = []
-        for i in range(warmup):
+        for i in range(warmup - 1):
             fn(i % n_sets)
         sync(device)
-        t1 = _time_once(lambda: fn(0), device)  # one call, warm: sizes inner and rounds
+        t1 = _time_once(lambda: fn(0), device)  # the last warm-up call sizes inner and rounds
         inner = 1
         if device == "cuda":
             inner = max(1, min(1000, int(sample_s / max(t1, 1e-7))))
-            inner = max(inner, n_sets) if graph else inner
-        run, g = _make_runner(fn, device, inner, n_sets, graph, notes)
+            inner = max(inner, n_sets) if name in graph else inner
+        run, g = _make_runner(fn, device, inner, n_sets, name in graph, notes)
         est[name] = t1 * inner
         runners[name] = (run, g, inner)
         out[name] = {"inner": inner, "graph": g is not None, "notes": notes, "samples": []}
