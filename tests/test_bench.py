@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -18,7 +19,11 @@ from moe_ext.bench import __main__ as bench_main  # noqa: E402
 def smoke_run(tmp_path_factory):
     """One in-process smoke run of every suite on the CPU, with --profile (tiny shapes, ~10 s)."""
     out = tmp_path_factory.mktemp("bench")
-    rc = bench_main.main(["--device", "cpu", "--smoke", "--profile", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:  # one thread: the 2-core CI machines are often shared, and oversubscribed OpenMP crawls
+        rc = bench_main.main(["--device", "cpu", "--smoke", "--profile", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     with open(out / "results.json") as f:
         return rc, out, json.load(f)
 

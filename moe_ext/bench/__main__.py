@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="per-kernel breakdown of moe_ext through torch.profiler")
     p.add_argument("--filter", default="", help="only the cases whose label contains this text")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per implementation and case")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's); 1 gives steadier CPU numbers on a loaded machine")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, for the tests
     a = p.parse_args(argv)
     a.suites = [s.strip() for s in a.suite.split(",") if s.strip()]
@@ -84,7 +86,7 @@ def run_case(case, args, ceil, ranges):
                       min_rounds=3 if args.mode == "smoke" else 5, profiler_api=args.nsys, ranges=ranges)
         prof = None
         if args.profile and built.profile_fn is not None and "moe_ext" in built.impls:
-            prof = profile_calls(built.profile_fn, device)
+            prof = profile_calls(built.profile_fn, device, n_sets=built.n_sets)
     rows = []
     t_moe = timed.get("moe_ext", {}).get("median")
     for name in list(checked) + [n for n in timed if n not in checked]:
@@ -125,6 +127,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     device = args.device
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
     cases = [c for c in plan(device, args.mode, args.suites) if args.filter in c.label]
@@ -154,7 +158,8 @@ def main(argv=None) -> int:
     doc = {"schema": 1, "device": report.device_name(device), "device_type": device, "date": report.now(),
            **report.git_commit(), "versions": report.versions(device),
            "config": {"mode": args.mode, "suites": args.suites, "filter": args.filter, "nsys": args.nsys,
-                      "profile": args.profile, "dtype": str(dtype_for(device)), "argv": sys.argv[1:]},
+                      "profile": args.profile, "dtype": str(dtype_for(device)), "argv": sys.argv[1:],
+                      "cpu_threads": torch.get_num_threads()},
            "ceilings": {"copy_GBps": ceil["copy_Bps"] / 1e9, "dense_TFLOPs": ceil["dense_flops"] / 1e12},
            "rows": rows, "profile": profiles, "elapsed_s": None}
     report.write_csv(os.path.join(args.out, "results.csv"), rows)

@@ -127,7 +127,7 @@ def plots(out_dir: str, rows: List[dict]) -> List[str]:
                 groups.setdefault(f"{r['model']} {r['pass']} {r['routing']}", []).append(r)
         return {k: sorted(v, key=lambda r: r["T"]) for k, v in groups.items()}
 
-    def figure(name, ylabel_of, value_of, title):
+    def figure(name, ylabel_of, value_of, title, logy=False):
         fig, axes = plt.subplots(1, len(suites), figsize=(4.6 * len(suites), 3.8), squeeze=False)
         for ax, suite in zip(axes[0], suites):
             for label, rs in series(suite).items():
@@ -135,6 +135,8 @@ def plots(out_dir: str, rows: List[dict]) -> List[str]:
                     if xs:
                         ax.plot(xs, ys, marker="o", label=lab)
             ax.set_xscale("log", base=2)
+            if logy and ax.lines:
+                ax.set_yscale("log")
             ax.set_xlabel("tokens")
             ax.set_ylabel(ylabel_of(suite))
             ax.set_title(suite)
@@ -165,7 +167,8 @@ def plots(out_dir: str, rows: List[dict]) -> List[str]:
 
     figure("throughput.png", lambda s: "TFLOP/s" if s in ("grouped_gemm", "layer") else "GB/s", thr,
            "moe_ext throughput")
-    figure("speedup.png", lambda s: "speedup (x)", spd, "moe_ext speedup over baselines (>1: moe_ext faster)")
+    figure("speedup.png", lambda s: "speedup (x)", spd, "moe_ext speedup over baselines (>1: moe_ext faster)",
+           logy=True)
     figure("roofline.png", lambda s: "% of roofline", roof,
            "moe_ext share of the roofline (measured dense GEMM FLOP/s and copy bandwidth)")
     return written

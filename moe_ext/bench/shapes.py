@@ -76,6 +76,7 @@ def plan(device: str, mode: str, suites) -> list:
     cpu = device == "cpu"
     if mode == "quick":
         small, large = 16, (128 if cpu else 4096)
+        train = 32 if cpu else 4096  # forward+backward tokens
         want = {
             "gating": [("mixtral", small, "uniform"), ("mixtral", large, "uniform"), ("dsv3", small, "uniform"),
                        ("dsv3", large, "zipf")],
@@ -85,7 +86,8 @@ def plan(device: str, mode: str, suites) -> list:
                              ("qwen3", large, "zipf", "w1"), ("mixtral", large, "uniform", "w2")],
             "layer": [("mixtral", small, "uniform"), ("mixtral", large, "uniform"), ("qwen3", small, "uniform"),
                       ("qwen3", large, "uniform"), ("qwen3", large, "zipf"), ("dsv3", small, "uniform"),
-                      ("qwen3", large, "uniform", "fwd+bwd"), ("seed", large, "uniform", "fwd+bwd")],
+                      ("qwen3", train, "uniform", "fwd+bwd"),
+                      ("seed", large, "uniform", "fwd") if cpu else ("seed", train, "uniform", "fwd+bwd")],
         }
         return [_case(s, w[0], w[1], device, *w[2:]) for s in suites for w in want.get(s, [])]
     tokens = [1, 16, 128, 1024] if cpu else [1, 4, 16, 64, 256, 1024, 4096, 16384]

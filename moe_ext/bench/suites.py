@@ -4,6 +4,7 @@ baselines), their correctness checks against moe_ext.reference, and the FLOP / b
 Each builder returns a Built: impls {name: fn(i)} (i = input set, rotated), graphable (names that
 may be timed as CUDA-graph replays), checks {name: () -> (ok, err, note)}, flops, bytes.
 """
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -50,8 +51,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float("inf") if err != err else err
 
 
+def _seed(case: Case) -> int:
+    return zlib.crc32(f"{case.suite}/{case.model}/{case.T}/{case.routing}/{case.pass_}".encode())
+
+
 def _gen(case: Case) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((case.suite, case.model, case.T, case.routing, case.pass_)) % 2**31)
+    return torch.Generator().manual_seed(_seed(case))
+
+
+def _randn(shape, device: str, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """Random normal numbers made on the device itself (big expert weights: no host work, no copy)."""
+    return torch.randn(shape, device=device, dtype=dtype, generator=gen).mul_(scale)
 
 
 def _ids(case: Case, gen) -> torch.Tensor:
@@ -182,13 +192,14 @@ def build_grouped_gemm(case: Case, device: str, ranges: Ranges = NO_RANGES) -> B
     ids = _ids(case, gen)
     counts = torch.bincount(ids.reshape(-1).long(), minlength=E)
     off = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    a0 = torch.randn(S, K, generator=gen).to(dt)
-    b0 = (torch.randn(E, N, K, generator=gen) / K ** 0.5).to(dt)
-    n = sets_for(device, _nbytes(a0, b0), cap=16)
-    As = [a0.to(device)] + [torch.randn(S, K, device=device).to(dt) for _ in range(n - 1)]
-    Bs = [b0.to(device)] + [(torch.randn(E, N, K, device=device) / K ** 0.5).to(dt) for _ in range(n - 1)]
+    gd = torch.Generator(device=device).manual_seed(_seed(case))
+    esz = torch.empty((), dtype=dt).element_size()
+    n = sets_for(device, (S * K + E * N * K) * esz, cap=16)
+    As = [_randn((S, K), device, dt, gd) for _ in range(n)]
+    Bs = [_randn((E, N, K), device, dt, gd, K ** -0.5) for _ in range(n)]
+    a0 = As[0]
     off_d, off_h = off.to(device), off.tolist()
-    bd = (torch.randn(N, K, device=device) / K ** 0.5).to(dt)
+    bd = _randn((N, K), device, dt, gd, K ** -0.5)
     stage = f"grouped_gemm_{case.pass_}"
     b = Built(n_sets=n, graphable={"moe_ext", "torch_loop", "grouped_mm", "dense"} if T <= 128 else set())
 
@@ -212,7 +223,7 @@ def build_grouped_gemm(case: Case, device: str, ranges: Ranges = NO_RANGES) -> B
         b.skipped["grouped_mm"] = why
     b.impls["dense"] = lambda i: torch.mm(As[i], bd.t())
     rd = ref_dtype_for(device)
-    ref = R.grouped_gemm(a0.to(device, rd), b0.to(device, rd), off_d, trans_b=True)
+    ref = R.grouped_gemm(As[0].to(rd), Bs[0].to(rd), off_d, trans_b=True)
 
     def check(fn):
         def run():
@@ -259,29 +270,26 @@ def build_layer(case: Case, device: str, ranges: Ranges = NO_RANGES) -> Built:
     gated = MF.ACTIVATIONS[act][1]
     F1, dt, S = (2 if gated else 1) * Fd, dtype_for(device), T * k
     bwd = case.pass_ == "fwd+bwd"
-    x0, rw0 = router_weight_and_input(T, H, E, case.routing, gen)
-    cpu = dict(x=x0, rw=rw0, w1=torch.randn(E, F1, H, generator=gen) / H ** 0.5,
-               w2=torch.randn(E, H, Fd, generator=gen) / Fd ** 0.5,
-               b1=torch.randn(E, F1, generator=gen) * 0.1 if s["bias"] else None,
-               b2=torch.randn(E, H, generator=gen) * 0.1 if s["bias"] else None)
-    eb = (torch.randn(E, generator=gen) * 0.1).to(device) if g.get("score_func") == "sigmoid" else None
-    names = ("x", "rw", "w1", "w2", "b1", "b2")
+    gd = torch.Generator(device=device).manual_seed(_seed(case))
     esz = torch.empty((), dtype=dt).element_size()
-    n = sets_for(device, sum(cpu[nm].numel() for nm in names if cpu[nm] is not None) * esz, cap=8)
+    x0, rw0 = router_weight_and_input(T, H, E, case.routing, gen)
+    names = ("x", "rw", "w1", "w2", "b1", "b2")
+    n = sets_for(device, (T * H + E * H + E * F1 * H + E * H * Fd + (E * (F1 + H) if s["bias"] else 0)) * esz, cap=8)
 
-    def make_set(src):
-        return {nm: (None if src[nm] is None else
-                     torch.nn.Parameter(src[nm].to(device, dt), requires_grad=bwd)) for nm in names}
+    def make_set(first: bool):
+        x = x0.clone() if first else torch.randn(T, H, generator=gen)
+        x[:, 0] = 1.0  # the constant column that carries the routing skew
+        t = dict(x=x.to(device, dt), rw=rw0.to(device, dt),  # same router: same routing distribution
+                 w1=_randn((E, F1, H), device, dt, gd, H ** -0.5), w2=_randn((E, H, Fd), device, dt, gd, Fd ** -0.5),
+                 b1=_randn((E, F1), device, dt, gd, 0.1) if s["bias"] else None,
+                 b2=_randn((E, H), device, dt, gd, 0.1) if s["bias"] else None)
+        return {nm: None if v is None else torch.nn.Parameter(v, requires_grad=bwd) for nm, v in t.items()}
 
-    def fresh():  # another input set with the same routing distribution (same router weight)
-        new = {nm: None if t is None else torch.randn(t.shape, generator=gen) * float(t.std()) for nm, t in cpu.items()}
-        new["x"][:, 0], new["rw"] = 1.0, cpu["rw"]
-        return new
-
-    sets = [make_set(cpu)] + [make_set(fresh()) for _ in range(n - 1)]
+    sets = [make_set(i == 0) for i in range(n)]
+    eb = (torch.randn(E, generator=gen) * 0.1).to(device) if g.get("score_func") == "sigmoid" else None
     gy = torch.randn(T, H, device=device).to(dt) if bwd else None
     b = Built(n_sets=n)
-    grad_names = [nm for nm in names if cpu[nm] is not None]
+    grad_names = [nm for nm in names if sets[0][nm] is not None]
 
     def wrap(layer):
         def fn(i):

@@ -152,7 +152,7 @@ def dense_peak(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 / r["mm"]["median"]
 
 
-def profile_calls(fn: Callable, device: str, calls: int = 3) -> dict:
+def profile_calls(fn: Callable, device: str, calls: int = 3, n_sets: int = 1) -> dict:
     """Per-kernel (and per-range) time breakdown of `calls` calls through torch.profiler.
     Returns {"table": str, "top": [{name, us_per_call, pct, count}]}; device time on CUDA, CPU time
     (self) on the CPU."""
@@ -163,7 +163,7 @@ def profile_calls(fn: Callable, device: str, calls: int = 3) -> dict:
     sync(device)
     with torch.profiler.profile(activities=acts) as prof:
         for i in range(calls):
-            fn(i)
+            fn(i % n_sets)
         sync(device)
     ka = prof.key_averages()
     if device == "cuda":
