@@ -149,7 +149,8 @@ timeout 60 $PY scripts/gpu_results.py --junit "$OUT/junit.xml" --junit-all "$OUT
     --bench "$BENCH_DIR/results.json" "${SAN[@]}" --steps "$STEPS" \
     --results-dir "$REPO/bench/results" --copy-to "$OUT"
 RES=$?
-if [ ${#FAILED[@]} -gt 0 ] || [ $RES -ne 0 ]; then
+# The results writer decides (a sanitizer the device refuses is "unsupported", not a failure).
+if [ $RES -ne 0 ]; then
     exit 1
 fi
 exit 0
