@@ -52,10 +52,10 @@ from moe_ext.reference import naive_moe  # noqa: E402
 PRESETS = {
     # steps: training steps per run; batch x seq tokens per step; layers/d_model/d_ff: the tiny transformer
     # (d_ff is each expert's hidden size; the dense baseline gets top_k * d_ff); bench_*: the compute study.
-    "full": dict(steps=500, batch=32, seq=64, layers=2, d_model=128, d_ff=128, lr=2e-3, eval_seqs=256,
+    "full": dict(steps=500, batch=32, seq=64, layers=2, d_model=128, d_ff=128, lr=5e-3, eval_seqs=256,
                  log_every=10, reps=10, bench_tokens=4096, bench_d_model=256, bench_d_ff=512,
                  bench_experts=[4, 8, 16, 32, 64]),
-    "quick": dict(steps=150, batch=16, seq=32, layers=1, d_model=64, d_ff=128, lr=3e-3, eval_seqs=128,
+    "quick": dict(steps=300, batch=16, seq=32, layers=1, d_model=64, d_ff=128, lr=1e-2, eval_seqs=128,
                   log_every=10, reps=5, bench_tokens=2048, bench_d_model=128, bench_d_ff=256,
                   bench_experts=[4, 8, 16, 32]),
     "smoke": dict(steps=12, batch=8, seq=16, layers=1, d_model=64, d_ff=64, lr=3e-3, eval_seqs=32,
@@ -68,6 +68,11 @@ parser.add_argument("--quick", action="store_true", help="a short run (~1-2 minu
 parser.add_argument("--smoke", action="store_true", help="a seconds-long run that only exercises the code")
 parser.add_argument("--out", default="walkthrough_out", help="directory for the figures and metrics.json")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the preset's)")
+parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's)")
+parser.add_argument("--aux", type=float, default=0.1, help="load-balancing loss coefficient")
+parser.add_argument("--z", type=float, default=1e-2, help="router z-loss coefficient")
+parser.add_argument("--jitter", type=float, default=0.1, help="router jitter eps")
 parser.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (0: torch's default). The matrices here are tiny, and on a busy "
                          "machine extra threads mostly wait on each other: 1 is fastest and steadiest")
@@ -75,6 +80,8 @@ argv = shlex.split(os.environ.get("MOE_WALKTHROUGH_ARGS", "")) if IN_NOTEBOOK el
 args = parser.parse_args(argv)
 MODE = "smoke" if args.smoke else "quick" if args.quick else "full"
 cfg = argparse.Namespace(**PRESETS[MODE], mode=MODE, seed=args.seed, num_experts=8, top_k=2)
+cfg.steps = args.steps or cfg.steps
+cfg.lr = args.lr or cfg.lr
 OUT = args.out
 if args.threads > 0:
     torch.set_num_threads(args.threads)
@@ -388,16 +395,17 @@ def train(name, ffn="moe", **moe_kw):
                    specialisation_mi_bits=[mutual_information_bits(lang_expert(r)) for r in rs],
                    mean_max_logit=float(torch.stack([r["logits"].max(-1).values.mean() for r in rs]).mean()),
                    mean_lse=float(torch.stack([torch.logsumexp(r["logits"], -1).mean() for r in rs]).mean()),
-                   mean_abs_logit=float(torch.stack([r["logits"].abs().mean() for r in rs]).mean()))
+                   mean_abs_logit=float(torch.stack([r["logits"].abs().mean() for r in rs]).mean()),
+                   mean_logit_std=float(torch.stack([r["logits"].std(-1).mean() for r in rs]).mean()))
     RUNS[name] = res
     print(f"{name:>10}: eval loss {res['eval_loss']:.3f}, {seconds:.1f} s"
           + (f", busiest expert {res['max_expert_load_fraction']:.3f} of slots" if ffn == "moe" else ""))
     return res
 
 
-AUX = 1e-2     # load-balancing loss coefficient (Switch Transformer)
-Z = 1e-2       # router z-loss coefficient (ST-MoE uses 1e-3; larger here to see it in a short run)
-JITTER = 0.1   # multiplicative router-input jitter, uniform in [1 - eps, 1 + eps] (Switch uses 1e-2)
+AUX = args.aux        # load-balancing loss coefficient (Switch: 1e-2; larger here for a short run)
+Z = args.z            # router z-loss coefficient (ST-MoE: 1e-3; larger here to see it in a short run)
+JITTER = args.jitter  # multiplicative router-input jitter, uniform in [1 - eps, 1 + eps] (Switch: 1e-2)
 t0 = time.perf_counter()
 train("no_aux")
 train("aux", aux_loss_coef=AUX)
@@ -457,10 +465,13 @@ print("mutual information language/expert (bits):", metrics["specialisation_mi_b
 # %% [markdown]
 # ## 6. Router z-loss and jitter
 #
-# The z-loss (ST-MoE) penalises the square of the router's logsumexp, keeping the logits small;
-# jitter (Switch) multiplies the router input by noise in training. Three runs with the
-# load-balancing loss: without either, with the z-loss, with jitter. We look at the trained routers'
-# logits on the eval set.
+# The z-loss (ST-MoE) penalises the square of each token's router logsumexp, to keep the router's
+# exponentials in a safe range; jitter (Switch) multiplies the router input by noise in training.
+# Three runs with the load-balancing loss: with neither, with the z-loss, with jitter; then the trained
+# routers' logits on the eval set. A softmax does not change when all of a token's logits shift by
+# the same amount, so a router can lower its logsumexp by shifting them all down: next to the
+# logsumexp and the largest logit we also plot the spread of a token's logits (their standard
+# deviation across experts), which a shift leaves alone and which sets how sharp the routing is.
 
 # %%
 t0 = time.perf_counter()
@@ -468,23 +479,25 @@ train("aux_z", aux_loss_coef=AUX, z_loss_coef=Z)
 train("aux_jitter", aux_loss_coef=AUX, jitter_eps=JITTER)
 metrics["seconds"]["train_z_jitter"] = time.perf_counter() - t0
 variants = [("aux", "neither"), ("aux_z", f"z-loss {Z:g}"), ("aux_jitter", f"jitter {JITTER:g}")]
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
 for name, label in variants:
     lg = torch.cat([r["logits"] for r in RUNS[name]["routing"]])
-    axes[0].hist(lg.max(-1).values.numpy(), bins=40, histtype="step", lw=1.5, label=label)
-    axes[1].hist(lg.abs().flatten().numpy(), bins=40, histtype="step", lw=1.5, label=label, log=True)
-    axes[2].plot(RUNS[name]["hist"]["step"], RUNS[name]["hist"]["lse"], label=label)
-axes[0].set(xlabel="max router logit per token", ylabel="tokens", title="Largest logit (eval set)")
-axes[1].set(xlabel="|router logit|", ylabel="count (log)", title="Logit magnitudes (eval set)")
-axes[2].set(xlabel="training step", ylabel="mean logsumexp", title="Router logsumexp in training")
+    for ax, v in zip(axes, [torch.logsumexp(lg, -1), lg.max(-1).values, lg.std(-1)]):
+        ax.hist(v.numpy(), bins=40, histtype="step", lw=1.5, label=label)
+    axes[3].plot(RUNS[name]["hist"]["step"], RUNS[name]["hist"]["lse"], label=label)
+axes[0].set(xlabel="logsumexp of a token's logits", ylabel="tokens", title="Router logsumexp (eval set)")
+axes[1].set(xlabel="largest logit of a token", ylabel="tokens", title="Max router logit (eval set)")
+axes[2].set(xlabel="std of a token's logits over experts", ylabel="tokens", title="Logit spread (eval set)")
+axes[3].set(xlabel="training step", ylabel="mean logsumexp", title="Router logsumexp in training")
 axes[0].legend(fontsize=8)
 save(fig, "router_logits.png")
-metrics["router_logits"] = {label: {k: RUNS[name][k] for k in ("mean_max_logit", "mean_abs_logit", "mean_lse",
-                                                               "eval_loss", "max_expert_load_fraction")}
+metrics["router_logits"] = {label: {k: RUNS[name][k] for k in ("mean_lse", "mean_max_logit", "mean_logit_std",
+                                                               "mean_abs_logit", "eval_loss",
+                                                               "max_expert_load_fraction")}
                             for name, label in [("aux", "none"), ("aux_z", "z_loss"), ("aux_jitter", "jitter")]}
 metrics["router_logits"]["coefficients"] = {"aux_loss_coef": AUX, "z_loss_coef": Z, "jitter_eps": JITTER}
 for k, v in metrics["router_logits"].items():
-    print(f"{k:>12}: {v}")
+    print(f"{k:>12}: " + ", ".join(f"{kk} {vv:.3g}" for kk, vv in v.items()))
 
 # %% [markdown]
 # ## 7. Capacity factor: dropped tokens, loss and throughput
