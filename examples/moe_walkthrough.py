@@ -533,7 +533,7 @@ metrics["capacity"] = capacity
 metrics["seconds"]["capacity"] = time.perf_counter() - t0
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-xs = [cf if cf is not None else 3.0 for cf in CFS]
+xs = list(range(len(CFS)))  # evenly spaced, labelled with the factors
 for name in ["no_aux", "aux"]:
     rows = capacity[name]
     for ax, key in zip(axes, ["drop_fraction", "eval_loss", "tokens_per_second"]):
@@ -541,7 +541,7 @@ for name in ["no_aux", "aux"]:
 for ax, (key, title) in zip(axes, [("dropped slots", "Dropped fraction"), ("eval loss", "Eval loss"),
                                    ("tokens / s (forward)", "Throughput")]):
     ax.set(xlabel="capacity factor", ylabel=key, title=title)
-    ax.set_xticks(xs, [f"{x:g}" for x in xs[:-1]] + ["none"])
+    ax.set_xticks(xs, [f"{cf:g}" if cf is not None else "none" for cf in CFS])
 axes[0].legend(fontsize=8)
 save(fig, "capacity.png")
 for name in capacity:
