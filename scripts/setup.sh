@@ -17,7 +17,7 @@ fi
 [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q "$TORCH_SPEC" pybind11 ninja pytest numpy expecttest hypothesis matplotlib
+"$PY" -m pip install -q "$TORCH_SPEC" pybind11 ninja pytest numpy expecttest hypothesis matplotlib nbclient nbformat ipykernel
 # CUTLASS headers for the grouped GEMM (the wheel's other dependencies are not needed).
 "$PY" -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-build-isolation -e .
