@@ -258,3 +258,14 @@ def test_bench_runs_tiny():
                    impls=("moe_ext", "grouped_mm", "eager"))
     assert set(res) == {"moe_ext", "grouped_mm", "eager"} and all(v["fwd"] > 0 and v["fwd_bwd"] > 0
                                                                     for v in res.values())
+
+
+def test_fused_silu_and_mul_only_for_default_silu_gate():
+    mix = _build("mixtral", "moe_ext", torch.float64)
+    oss = _build("gpt_oss", "moe_ext", torch.float64)
+    assert mt._silu_and_mul_applies(mix.model.layers[0].mlp.experts)
+    assert not mt._silu_and_mul_applies(oss.model.layers[0].mlp.experts)  # its own clamped, interleaved gate
+    h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(mt._SiluAndMul.apply, (h,))
+    gate, up = h.chunk(2, -1)
+    torch.testing.assert_close(mt._SiluAndMul.apply(h), torch.nn.functional.silu(gate) * up, atol=0, rtol=0)

@@ -35,6 +35,41 @@ NAME = "moe_ext"
 # ----------------------------------------------------------------------------------------------------
 # 1. The experts implementation
 # ----------------------------------------------------------------------------------------------------
+class _SiluAndMul(torch.autograd.Function):
+    """silu(gate) * up over h = [gate | up] (transformers' default _apply_gate with SiLU), whose backward
+    writes d gate and d up straight into one [S, 2F] gradient (autograd's chunk would cat them)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        d_gate, d_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return grad_h
+
+
+def _silu_and_mul_applies(module: nn.Module) -> bool:
+    """True when module's gate is exactly transformers' default (act_fn(gate) * up, concatenated) with SiLU."""
+    try:
+        from transformers.activations import SiLUActivation
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return False
+    act = getattr(module, "act_fn", None)
+    return (getattr(type(module), "_apply_gate", None) is _default_apply_gate
+            and getattr(module, "is_concatenated", True)
+            and type(act) in (SiLUActivation, nn.SiLU) and not act._forward_hooks and not act._forward_pre_hooks
+            and type(act).forward in (SiLUActivation.forward, nn.SiLU.forward) and "forward" not in act.__dict__)
+
+
 def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
                             top_k_weights: Tensor) -> Tensor:
     """transformers' experts forward signature: (experts module, x [T, H], top_k_index [T, k],
@@ -55,7 +90,10 @@ def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index:
     x = hidden_states.to(w_in.dtype)  # autocast-style inputs (as transformers' grouped_mm path does)
     x_sorted, offsets, row_map = MF.permute(x, ids, E)
     h = MF.grouped_gemm(x_sorted, w_in, offsets, trans_b=not transposed, bias=b_in)
-    h = self._apply_gate(h) if has_gate else self.act_fn(h)
+    if has_gate:
+        h = _SiluAndMul.apply(h) if _silu_and_mul_applies(self) else self._apply_gate(h)
+    else:
+        h = self.act_fn(h)
     y = MF.grouped_gemm(h, self.down_proj, offsets, trans_b=not transposed, bias=b_out)
     # unpermute: y[t] = sum_j w[t, j] * y_sorted[row], accumulated in fp32 (fp64 for fp64) in slot order.
     return MF.unpermute(y, row_map, top_k_weights).to(hidden_states.dtype)
