@@ -269,3 +269,16 @@ def test_fused_silu_and_mul_only_for_default_silu_gate():
     torch.autograd.gradcheck(mt._SiluAndMul.apply, (h,))
     gate, up = h.chunk(2, -1)
     torch.testing.assert_close(mt._SiluAndMul.apply(h), torch.nn.functional.silu(gate) * up, atol=0, rtol=0)
+
+
+def test_update_expert_bias_on_replaced_deepseek_block():
+    model = _build("deepseek_v3", "eager", torch.float32)
+    name = mt.replace_moe_blocks(model)[0]
+    block = model.get_submodule(name)
+    model(input_ids=_ids())
+    load = block.last_stats["tokens_per_expert"]
+    assert int(load.sum()) == _ids().numel() * model.config.num_experts_per_tok
+    bias = block.gate.e_score_correction_bias
+    before = bias.clone()
+    moe_ext.routing.update_expert_bias(block, rate=0.01)
+    torch.testing.assert_close(bias - before, (0.01 * torch.sign(load.double().mean() - load.double())).float())

@@ -42,16 +42,17 @@ class _SiluAndMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h):
         gate, up = h.chunk(2, dim=-1)
-        ctx.save_for_backward(h)
-        return F.silu(gate) * up
+        act = F.silu(gate)
+        ctx.save_for_backward(h, act)  # what autograd's silu * up saves too (act for d up)
+        return act * up
 
     @staticmethod
     def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
+        h, act = ctx.saved_tensors
         gate, up = h.chunk(2, dim=-1)
         grad_h = torch.empty_like(h)
         d_gate, d_up = grad_h.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=d_up)
+        torch.mul(grad, act, out=d_up)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
         return grad_h
 
@@ -213,6 +214,7 @@ def _moe_ext_router(router: nn.Module, kind: str) -> nn.Module:
     new = sub.__new__(sub)
     new.__dict__.update(router.__dict__)
     for attr in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
                  "_non_persistent_buffers_set"):
         val = router.__dict__.get(attr)
         if val is not None:
