@@ -3,7 +3,9 @@
 Parameter layout (the names outside code relies on):
   router.weight [E, H]; experts.w1 [E, 2F, H] (gated activations: gate rows, then up rows) or
   [E, F, H]; experts.w2 [E, H, F]; experts.b1 [E, 2F | F], experts.b2 [E, H] when bias=True;
-  shared_experts.w1 [S, 2F, H] / .w2 [S, H, F] when num_shared_experts = S > 0.
+  shared_experts.w1 [S, 2F, H] / .w2 [S, H, F] when num_shared_experts = S > 0;
+  shared_expert_gate.weight [1, H] when shared_expert_gate=True (Qwen2-MoE);
+  router.expert_bias [E] fp32 buffer when expert_bias=True (DeepSeek-V3; selection only).
 """
 import math
 from typing import Optional
@@ -22,12 +24,30 @@ def _uniform_(t: Tensor, fan_in: int) -> Tensor:
 
 
 class Router(nn.Module):
-    """Linear router without bias: x [..., H] -> logits [..., E]."""
+    """Linear router without bias: x [..., H] -> logits [..., E].
 
-    def __init__(self, d_model: int, num_experts: int, device=None, dtype=None):
+    expert_bias=True registers .expert_bias [E], a float32 buffer of zeros added to the scores for
+    the top-k selection only (DeepSeek-V3's auxiliary-loss-free balancing; update it with
+    moe_ext.routing.update_expert_bias). It stays float32 through .to(dtype)/.half()/.double(), as
+    transformers keeps e_score_correction_bias in fp32, so small updates are not rounded away.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, device=None, dtype=None, expert_bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=dtype))
         _uniform_(self.weight, d_model)
+        if expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def _apply(self, fn, recurse=True):
+        bias = self._buffers.get("expert_bias")
+        out = super()._apply(fn, recurse)
+        if bias is not None:  # keep the bias in fp32 (device moves still apply)
+            moved = self._buffers["expert_bias"]
+            self._buffers["expert_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, self.weight)
@@ -82,8 +102,13 @@ class MoELayer(nn.Module):
     (all first choices before any second choice, lower token first); overflow="drop" zeroes the rest,
     "reroute" moves them to the token's next preferred expert with room.
     routing="expert_choice": each expert takes its ceil(cf * T * top_k / E) best tokens (cf defaults to 1).
+    expert_bias=True: router.expert_bias [E] (fp32 zeros) is added to the scores for the selection only
+    (DeepSeek-V3; see moe_ext.routing.update_expert_bias). num_shared_experts=S: S always-on experts
+    of width shared_d_ff (default d_ff) added to every token; shared_expert_gate=True scales their sum
+    by sigmoid(x @ shared_expert_gate.weight^T) per token (Qwen2-MoE; Linear(H, 1) without bias).
     After each forward: .aux_loss (aux_loss_coef * load-balancing loss + z_loss_coef * z-loss, a
-    differentiable scalar) and .last_stats {"tokens_per_expert", "drop_fraction", "router_entropy"}.
+    differentiable scalar) and .last_stats {"tokens_per_expert", "drop_fraction", "router_entropy"}
+    (docs/routing.md says how to read them). Presets: moe_ext.presets.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *, activation: str = "silu",
@@ -91,7 +116,8 @@ class MoELayer(nn.Module):
                  capacity_factor: Optional[float] = None, overflow: str = "drop", routing: str = "token_choice",
                  num_shared_experts: int = 0, jitter_eps: float = 0.0, aux_loss_coef: float = 0.0,
                  z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
-                 routed_scaling_factor: float = 1.0, device=None, dtype=None):
+                 routed_scaling_factor: float = 1.0, expert_bias: bool = False, shared_expert_gate: bool = False,
+                 shared_d_ff: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"moe_ext.MoELayer: top_k must be in [1, num_experts] = [1, {num_experts}], got {top_k}")
@@ -105,16 +131,21 @@ class MoELayer(nn.Module):
             raise ValueError(f"moe_ext.MoELayer: capacity_factor must be > 0, got {capacity_factor}")
         if (n_group is None) != (topk_group is None):
             raise ValueError("moe_ext.MoELayer: n_group and topk_group go together")
+        if shared_expert_gate and num_shared_experts <= 0:
+            raise ValueError("moe_ext.MoELayer: shared_expert_gate=True needs num_shared_experts > 0")
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.renormalize = score_func, renormalize
         self.capacity_factor, self.overflow, self.routing = capacity_factor, overflow, routing
         self.jitter_eps, self.aux_loss_coef, self.z_loss_coef = jitter_eps, aux_loss_coef, z_loss_coef
         self.n_group, self.topk_group = n_group or 1, topk_group or 1
         self.routed_scaling_factor = routed_scaling_factor
-        self.router = Router(d_model, num_experts, device=device, dtype=dtype)
+        self.router = Router(d_model, num_experts, device=device, dtype=dtype, expert_bias=expert_bias)
         self.experts = Experts(d_model, d_ff, num_experts, activation, bias, device=device, dtype=dtype)
-        self.shared_experts = (SharedExperts(d_model, d_ff, num_shared_experts, activation, device=device, dtype=dtype)
+        self.shared_experts = (SharedExperts(d_model, shared_d_ff or d_ff, num_shared_experts, activation,
+                                             device=device, dtype=dtype)
                                if num_shared_experts > 0 else None)
+        self.shared_expert_gate = (nn.Linear(d_model, 1, bias=False, device=device, dtype=dtype)
+                                   if shared_expert_gate else None)
         self.aux_loss: Tensor = torch.zeros(())
         self.last_stats: dict = {}
 
@@ -143,7 +174,7 @@ class MoELayer(nn.Module):
             max_rows = self.num_experts * min(self.capacity(T), T)
         else:
             g = MF.topk_gating(logits, self.top_k, score_func=self.score_func, renormalize=self.renormalize,
-                               num_groups=self.n_group, topk_groups=self.topk_group,
+                               expert_bias=getattr(self.router, "expert_bias", None), num_groups=self.n_group, topk_groups=self.topk_group,
                                routed_scaling=self.routed_scaling_factor)
             weights, ids, score_sum, lse, tokens_chosen = g.weights, g.expert_ids, g.score_sum, g.lse, g.tokens_per_expert
             max_rows = -1
@@ -161,9 +192,17 @@ class MoELayer(nn.Module):
         x_sorted, offsets, row_map = MF.permute(x, ids, self.num_experts, max_rows)
         y = MF.unpermute(self.experts(x_sorted, offsets), row_map, weights)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = y + self._shared(x)
         self._record(T, logits, offsets, tokens_chosen, score_sum, lse)
         return y.reshape(shape)
+
+    def _shared(self, x: Tensor) -> Tensor:
+        """The shared experts' output for x [T, H], gated by sigmoid(shared_expert_gate(x)) when present."""
+        out = self.shared_experts(x)
+        gate = getattr(self, "shared_expert_gate", None)
+        if gate is not None:
+            out = torch.sigmoid(gate(x)) * out
+        return out
 
     def _record(self, T, logits, offsets, tokens_chosen, score_sum, lse):
         kept = (offsets[1:] - offsets[:-1]).to(torch.int32)

@@ -76,6 +76,7 @@ class OffloadedMoE(nn.Module):
     route = MoELayer.route
     capacity = MoELayer.capacity
     _record = MoELayer._record
+    _shared = MoELayer._shared
 
     def __init__(self, layer: MoELayer, cache_experts: int, device=None):
         super().__init__()
@@ -93,6 +94,8 @@ class OffloadedMoE(nn.Module):
         self.training = False
         self.router = _frozen_copy(layer.router, device)
         self.shared_experts = _frozen_copy(layer.shared_experts, device) if layer.shared_experts is not None else None
+        gate = getattr(layer, "shared_expert_gate", None)
+        self.shared_expert_gate = _frozen_copy(gate, device) if gate is not None else None
         self.activation = layer.experts.activation
         E = layer.num_experts
         self.cache_experts = int(cache_experts)
@@ -342,7 +345,7 @@ class OffloadedMoE(nn.Module):
                 y += self._group(x, ids, weights, missing, counts, acc_dtype)
         y = y.to(x.dtype)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = y + self._shared(x)
         offsets = torch.zeros(E + 1, dtype=torch.int64, device=x.device)
         offsets[1:] = torch.cumsum(counts_dev, 0)
         self._record(T, logits, offsets, tokens_chosen, score_sum, lse)

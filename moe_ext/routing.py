@@ -93,4 +93,47 @@ def expert_choice(logits: Tensor, capacity: int, score_func: str = "softmax"):
     return weights, ids, scores, lse
 
 
-__all__ = ["capacity_rank", "apply_capacity", "expert_choice", "topk_gating"]
+@torch.no_grad()
+def update_expert_bias(layer_or_bias, tokens_per_expert=None, rate: float = 1e-3) -> Tensor:
+    """Auxiliary-loss-free load balancing (DeepSeek-V3, Wang et al. 2024): one in-place update of the
+    selection bias, bias += rate * sign(mean_load - load).
+
+    layer_or_bias: a MoELayer built with expert_bias=True (its router.expert_bias is updated), a
+    module with .expert_bias or .e_score_correction_bias (a transformers DeepSeek-V3 router), or the
+    bias tensor [E] itself. tokens_per_expert: the observed load [E] (any number type), or a list of
+    such tensors (e.g. one per micro-batch), summed; default: the layer's last_stats["tokens_per_expert"].
+    An overloaded expert's bias goes down by rate, an underloaded one's up, an expert exactly at the mean
+    is left alone. Call it after the optimizer step, once per step. Returns the bias tensor.
+    """
+    bias = layer_or_bias
+    if isinstance(bias, torch.nn.Module):
+        mod = bias
+        router = getattr(mod, "router", None) or getattr(mod, "gate", None) or mod
+        bias = getattr(router, "expert_bias", None)
+        if bias is None:
+            bias = getattr(router, "e_score_correction_bias", None)
+        if bias is None:
+            raise ValueError("moe_ext.update_expert_bias: the module has no expert bias (build MoELayer with "
+                             "expert_bias=True)")
+        if tokens_per_expert is None:
+            stats = getattr(mod, "last_stats", None) or {}
+            if "tokens_per_expert" not in stats:
+                raise ValueError("moe_ext.update_expert_bias: pass tokens_per_expert (the layer has no last_stats "
+                                 "from a forward yet)")
+            tokens_per_expert = stats["tokens_per_expert"]
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"moe_ext.update_expert_bias: expected a module or a tensor, got {type(bias).__name__}")
+    if tokens_per_expert is None:
+        raise ValueError("moe_ext.update_expert_bias: tokens_per_expert is required with a bare bias tensor")
+    if isinstance(tokens_per_expert, (list, tuple)):
+        load = torch.stack([torch.as_tensor(t, device=bias.device).double() for t in tokens_per_expert]).sum(0)
+    else:
+        load = torch.as_tensor(tokens_per_expert, device=bias.device).double()
+    if load.shape != bias.shape:
+        raise ValueError(f"moe_ext.update_expert_bias: tokens_per_expert must be shaped like the bias "
+                         f"{tuple(bias.shape)}, got {tuple(load.shape)}")
+    bias.add_((rate * torch.sign(load.mean() - load)).to(bias.dtype))
+    return bias
+
+
+__all__ = ["capacity_rank", "apply_capacity", "expert_choice", "topk_gating", "update_expert_bias"]

@@ -1,0 +1,1 @@
+"""Integrations of moe_ext with other libraries (imported on demand: moe_ext.integrations.transformers)."""

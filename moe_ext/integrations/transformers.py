@@ -1,0 +1,309 @@
+"""moe_ext inside Hugging Face transformers (written against transformers 5.x: integrations/moe.py).
+
+Two ways in (docs/transformers.md):
+
+1. register(): adds "moe_ext" to transformers' ExpertsInterface, so
+   ``AutoModelForCausalLM.from_config(cfg, experts_implementation="moe_ext")`` (or
+   ``model.set_experts_implementation("moe_ext")``) runs every ``@use_experts_implementation`` experts
+   module through moe_ext.permute -> grouped_gemm -> (the module's own _apply_gate / act_fn) ->
+   grouped_gemm -> unpermute, forward and backward. The model's router is untouched. Weight layouts:
+   is_transposed (w [E, in, out] vs [E, out, in]), has_bias (gate_up_proj_bias / down_proj_bias),
+   has_gate (gate_up_proj vs up_proj) and is_concatenated (handled by the module's _apply_gate) all work;
+   expert-parallel sentinels (ids >= num_experts) become dropped slots.
+
+2. replace_moe_blocks(model): swaps each supported sparse MoE block (router included) for a MoEBlock
+   that keeps the block's own submodules and Parameters (no copies, the same state_dict keys) and runs
+   routing with moe_ext.topk_gating and the experts with moe_ext's ops, with the installed version's
+   exact semantics (see MoEBlock).
+"""
+import inspect
+import re
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import functional as MF
+
+__all__ = ["register", "unregister", "moe_ext_experts_forward", "replace_moe_blocks", "MoEBlock", "SUPPORTED_BLOCKS"]
+
+NAME = "moe_ext"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The experts implementation
+# ----------------------------------------------------------------------------------------------------
+class _SiluAndMul(torch.autograd.Function):
+    """silu(gate) * up over h = [gate | up] (transformers' default _apply_gate with SiLU), whose backward
+    writes d gate and d up straight into one [S, 2F] gradient (autograd's chunk would cat them)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(h, act)  # what autograd's silu * up saves too (act for d up)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, act = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        d_gate, d_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return grad_h
+
+
+def _silu_and_mul_applies(module: nn.Module) -> bool:
+    """True when module's gate is exactly transformers' default (act_fn(gate) * up, concatenated) with SiLU."""
+    try:
+        from transformers.activations import SiLUActivation
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return False
+    act = getattr(module, "act_fn", None)
+    return (getattr(type(module), "_apply_gate", None) is _default_apply_gate
+            and getattr(module, "is_concatenated", True)
+            and type(act) in (SiLUActivation, nn.SiLU) and not act._forward_hooks and not act._forward_pre_hooks
+            and type(act).forward in (SiLUActivation.forward, nn.SiLU.forward) and "forward" not in act.__dict__)
+
+
+def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
+                            top_k_weights: Tensor) -> Tensor:
+    """transformers' experts forward signature: (experts module, x [T, H], top_k_index [T, k],
+    top_k_weights [T, k]) -> [T, H] in x's dtype. Reads the layout flags that
+    @use_experts_implementation sets (has_gate, has_bias, is_transposed; is_concatenated only matters to
+    the module's _apply_gate) and falls back to inferring them from the parameter names."""
+    has_gate = getattr(self, "has_gate", hasattr(self, "gate_up_proj"))
+    has_bias = getattr(self, "has_bias", False)
+    transposed = getattr(self, "is_transposed", False)
+    w_in = self.gate_up_proj if has_gate else self.up_proj
+    b_in = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None
+    b_out = self.down_proj_bias if has_bias else None
+    E = w_in.shape[0]
+    ids = top_k_index
+    if getattr(self, "_is_expert_parallel", False):
+        # EP sentinels (ids >= E: experts held by another rank) become dropped slots (-1): no compute.
+        ids = torch.where((ids >= 0) & (ids < E), ids, torch.full_like(ids, -1))
+    x = hidden_states.to(w_in.dtype)  # autocast-style inputs (as transformers' grouped_mm path does)
+    x_sorted, offsets, row_map = MF.permute(x, ids, E)
+    h = MF.grouped_gemm(x_sorted, w_in, offsets, trans_b=not transposed, bias=b_in)
+    if has_gate:
+        h = _SiluAndMul.apply(h) if _silu_and_mul_applies(self) else self._apply_gate(h)
+    else:
+        h = self.act_fn(h)
+    y = MF.grouped_gemm(h, self.down_proj, offsets, trans_b=not transposed, bias=b_out)
+    # unpermute: y[t] = sum_j w[t, j] * y_sorted[row], accumulated in fp32 (fp64 for fp64) in slot order.
+    return MF.unpermute(y, row_map, top_k_weights).to(hidden_states.dtype)
+
+
+def register(name: str = NAME) -> str:
+    """Register moe_ext_experts_forward as experts_implementation=`name` (default "moe_ext") in
+    transformers' ExpertsInterface (global: every model, present and future). Returns the name."""
+    from transformers.integrations.moe import ExpertsInterface
+    ExpertsInterface.register(name, moe_ext_experts_forward)
+    return name
+
+
+def unregister(name: str = NAME) -> None:
+    """Remove `name` from transformers' ExpertsInterface (models still set to it will raise)."""
+    from transformers.integrations.moe import ExpertsInterface
+    ExpertsInterface._global_mapping.pop(name, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Whole-block replacement
+# ----------------------------------------------------------------------------------------------------
+# block class -> (router kind, block kind). Router kinds:
+#   "mixtral": softmax(fp32) -> topk -> always renormalised, weights stay fp32 (MixtralTopKRouter)
+#   "qwen":    softmax(fp32) -> topk -> renormalised iff norm_topk_prob, weights cast to the logits' dtype
+#   "sigmoid_group": fp32 logits, sigmoid, + e_score_correction_bias for selection, group-limited
+#              (sum of top-2 per group), weights = unbiased scores (/ (sum + 1e-20) iff norm_topk_prob)
+#              x routed_scaling_factor (DeepseekV3TopkRouter)
+# Block kinds: "plain" (Qwen3/OLMoE), "mixtral" (in-place jitter before the gate), "qwen2" (sigmoid-gated
+# shared expert), "deepseek" (ungated shared_experts added).
+SUPPORTED_BLOCKS = {
+    "MixtralSparseMoeBlock": ("mixtral", "mixtral"),
+    "Qwen2MoeSparseMoeBlock": ("qwen", "qwen2"),
+    "Qwen3MoeSparseMoeBlock": ("qwen", "plain"),
+    "OlmoeSparseMoeBlock": ("qwen", "plain"),
+    "DeepseekV3MoE": ("sigmoid_group", "deepseek"),
+}
+
+
+def _group_fill_of(router_cls) -> float:
+    """The value the installed router writes into the experts of dropped groups: -inf (transformers
+    5.x DeepSeek-V3) or 0.0 (older versions, DeepSeek-V2, Mistral4). Read from its source."""
+    try:
+        src = inspect.getsource(router_cls.forward)
+    except (OSError, TypeError):
+        return float("-inf")
+    m = re.search(r"masked_fill\(\s*~\s*score_mask\.bool\(\)\s*,\s*([^)]*\)?)\s*\)", src)
+    if m and "inf" not in m.group(1):
+        return float(m.group(1).strip().rstrip(")") or 0.0)
+    return float("-inf")
+
+
+def grouped_topk_python(scores: Tensor, bias: Optional[Tensor], k: int, n_group: int, topk_group: int,
+                        fill: float) -> Tensor:
+    """transformers' DeepSeek-V3 selection in plain PyTorch (used when fill is not -inf: a 0.0 fill lets
+    experts of dropped groups outrank kept ones whose biased score is negative, which the op's
+    exclusion cannot express). Returns ids [T, k] int64."""
+    T, E = scores.shape
+    choice = scores + bias if bias is not None else scores
+    group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, E // n_group).reshape(-1, E)
+    choice = choice.masked_fill(~score_mask.bool(), fill)
+    return torch.topk(choice, k=k, dim=-1, sorted=False)[1]
+
+
+class _MoeExtRouterMixin:
+    """Mixed into a copy of the model's router class (isinstance holds, so transformers' router_logits
+    recorder hooks still fire); forward returns (router_logits, weights [T, k], ids [T, k]) as the
+    original, computed by moe_ext.topk_gating."""
+
+    _moe_ext_kind = "qwen"
+    _moe_ext_group_fill = float("-inf")
+
+    def forward(self, hidden_states: Tensor):
+        E, H = self.weight.shape
+        k = self.top_k
+        x = hidden_states.reshape(-1, H)
+        kind = self._moe_ext_kind
+        if kind == "sigmoid_group":
+            logits = F.linear(x.float(), self.weight.float())
+            n_group = getattr(self, "num_group", None) or getattr(self, "n_group", 1)
+            topk_group = self.topk_group
+            bias = getattr(self, "e_score_correction_bias", None)
+            renorm = bool(getattr(self, "norm_topk_prob", True))
+            scale = float(getattr(self, "routed_scaling_factor", 1.0))
+            if n_group > 1 and self._moe_ext_group_fill != float("-inf"):
+                scores = logits.sigmoid()
+                ids = grouped_topk_python(scores, bias, k, n_group, topk_group, self._moe_ext_group_fill)
+                w = scores.gather(1, ids)
+                if renorm:
+                    w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+                return logits, w * scale, ids
+            g = MF.topk_gating(logits, k, score_func="sigmoid", renormalize=renorm, expert_bias=bias,
+                               num_groups=n_group, topk_groups=topk_group, routed_scaling=scale)
+            return logits, g.weights, g.expert_ids
+        logits = F.linear(x, self.weight)
+        renorm = True if kind == "mixtral" else bool(getattr(self, "norm_topk_prob", False))
+        g = MF.topk_gating(logits.float(), k, renormalize=renorm)
+        w = g.weights if kind == "mixtral" else g.weights.to(logits.dtype)
+        return logits, w, g.expert_ids
+
+
+_ROUTER_CLASSES = {}
+
+
+def _moe_ext_router(router: nn.Module, kind: str) -> nn.Module:
+    """A new router module of a subclass of router's class that shares its Parameters, buffers,
+    attributes and forward hooks, with moe_ext's forward."""
+    cls = type(router)
+    sub = _ROUTER_CLASSES.get(cls)
+    if sub is None:
+        sub = type(f"MoeExt{cls.__name__}", (_MoeExtRouterMixin, cls),
+                   {"_moe_ext_kind": kind, "_moe_ext_group_fill": _group_fill_of(cls), "__module__": __name__})
+        _ROUTER_CLASSES[cls] = sub
+    new = sub.__new__(sub)
+    new.__dict__.update(router.__dict__)
+    for attr in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+                 "_non_persistent_buffers_set"):
+        val = router.__dict__.get(attr)
+        if val is not None:
+            new.__dict__[attr] = type(val)(val) if not isinstance(val, OrderedDict) else OrderedDict(val)
+    return new
+
+
+class MoEBlock(nn.Module):
+    """A transformers sparse MoE block run by moe_ext, holding the original block's submodules (so its
+    Parameters and state_dict keys are the model's own): .gate (moe_ext router, see _MoeExtRouterMixin),
+    .experts (the model's experts module, run through moe_ext_experts_forward whatever the model's
+    experts_implementation), and .shared_expert/.shared_expert_gate (Qwen2-MoE) or .shared_experts
+    (DeepSeek-V3). Semantics follow the installed transformers version:
+      Mixtral: in-place multiplicative jitter U(1-eps, 1+eps) of the block input in training (same RNG
+               draw as transformers), softmax in fp32, top-k, always renormalised, fp32 weights.
+      Qwen2/Qwen3/OLMoE: softmax in fp32, renormalised iff norm_topk_prob, weights in the logits'
+               dtype; Qwen2 adds sigmoid(shared_expert_gate(x)) * shared_expert(x).
+      DeepSeek-V3: fp32 logits, sigmoid, selection by score + e_score_correction_bias among the
+               topk_group best groups (sum of top-2), masking as the installed router does (-inf here:
+               the op's exclusion; a 0.0 fill is computed in PyTorch), weights = unbiased scores
+               (/ (sum + 1e-20) iff norm_topk_prob) x routed_scaling_factor; + shared_experts(x).
+    Routed outputs are accumulated in fp32 (unpermute) and rounded once to the hidden dtype. Returns what
+    the original block returns (a tensor in transformers 5.x; (hidden, router_logits) when the installed
+    block returned that pair). .last_stats holds tokens_per_expert [E] of the last forward.
+    """
+
+    def __init__(self, block: nn.Module, router_kind: str, block_kind: str, returns_logits: bool = False):
+        super().__init__()
+        self.block_kind, self.returns_logits = block_kind, returns_logits
+        self.top_k = block.gate.top_k
+        self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
+        self.original_class = type(block).__name__
+        self.gate = _moe_ext_router(block.gate, router_kind)
+        self.experts = block.experts
+        for name in ("shared_expert", "shared_expert_gate", "shared_experts"):
+            if getattr(block, name, None) is not None:
+                setattr(self, name, getattr(block, name))
+        if hasattr(block, "config"):
+            self.config = block.config
+        self.last_stats: dict = {}
+
+    def forward(self, hidden_states: Tensor):
+        shape = hidden_states.shape
+        if self.block_kind == "mixtral" and self.training and self.jitter_noise > 0:
+            hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        x = hidden_states.reshape(-1, shape[-1])
+        logits, weights, ids = self.gate(x)
+        y = moe_ext_experts_forward(self.experts, x, ids, weights)
+        with torch.no_grad():
+            E = self.gate.weight.shape[0]
+            self.last_stats = {"tokens_per_expert": torch.zeros(E, dtype=torch.int64, device=ids.device)
+                               .index_add_(0, ids.reshape(-1).long(), torch.ones_like(ids.reshape(-1), dtype=torch.int64))}
+        if self.block_kind == "qwen2":
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        elif self.block_kind == "deepseek":
+            y = y.view(shape) + self.shared_experts(hidden_states)
+        y = y.reshape(shape)
+        return (y, logits) if self.returns_logits else y
+
+
+def _returns_router_logits(block_cls) -> bool:
+    try:
+        src = inspect.getsource(block_cls.forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"return\s+[\w.()]+\s*,\s*router_logits", src) is not None
+
+
+def replace_moe_blocks(model: nn.Module, classes=None) -> list:
+    """Replace every supported sparse MoE block of model in place by a MoEBlock sharing its Parameters.
+
+    classes: names of block classes to replace (default: all of SUPPORTED_BLOCKS). Returns the list of
+    qualified names replaced. Unsupported MoE blocks are left alone (use register() for those).
+    """
+    wanted = set(SUPPORTED_BLOCKS if classes is None else classes)
+    unknown = wanted - set(SUPPORTED_BLOCKS)
+    if unknown:
+        raise ValueError(f"moe_ext.replace_moe_blocks: unsupported block classes {sorted(unknown)}; supported: "
+                         f"{sorted(SUPPORTED_BLOCKS)}")
+    targets = [(name, mod) for name, mod in model.named_modules() if type(mod).__name__ in wanted]
+    replaced = []
+    for name, block in targets:
+        router_kind, block_kind = SUPPORTED_BLOCKS[type(block).__name__]
+        new = MoEBlock(block, router_kind, block_kind, _returns_router_logits(type(block)))
+        new.train(block.training)
+        new._forward_hooks.update(block._forward_hooks)
+        new._forward_pre_hooks.update(block._forward_pre_hooks)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        replaced.append(name)
+    return replaced

@@ -1,0 +1,148 @@
+"""MoELayer routing features: expert_bias (DeepSeek-V3) with update_expert_bias, the sigmoid-gated shared
+expert (Qwen2-MoE), presets, routing statistics."""
+import math
+
+import pytest
+import torch
+
+import moe_ext
+from moe_ext import reference as R
+from moe_ext.routing import update_expert_bias
+
+
+def test_expert_bias_buffer_is_fp32_and_used_for_selection_only():
+    layer = moe_ext.MoELayer(16, 8, 8, 2, score_func="sigmoid", expert_bias=True).double()
+    b = layer.router.expert_bias
+    assert b.shape == (8,) and b.dtype == torch.float32 and not b.requires_grad
+    assert "router.expert_bias" in layer.state_dict()
+    assert "router.expert_bias" not in dict(layer.named_parameters())
+    with torch.no_grad():
+        b.copy_(torch.linspace(-0.5, 0.5, 8))
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    logits = layer.router(x)
+    w_ref, ids_ref, *_ = R.topk_gating(logits, 2, score_func="sigmoid", expert_bias=b)
+    ids_nobias = R.topk_gating(logits, 2, score_func="sigmoid")[1]
+    assert not torch.equal(ids_ref, ids_nobias)  # the bias changes the selection
+    # weights are the unbiased scores (renormalised)
+    scores = torch.sigmoid(logits.gather(1, ids_ref))
+    torch.testing.assert_close(w_ref, scores / scores.sum(-1, keepdim=True))
+    yr = R.moe(x, logits, layer.experts.w1, layer.experts.w2, 2, score_func="sigmoid", expert_bias=b)
+    ys = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(2):
+            e = ids_ref[t, j]
+            h = layer.experts.w1[e] @ x[t]
+            F_ = h.shape[0] // 2
+            ys[t] += w_ref[t, j] * (layer.experts.w2[e] @ (torch.nn.functional.silu(h[:F_]) * h[F_:]))
+    torch.testing.assert_close(y, ys)
+    torch.testing.assert_close(y, yr)
+    y.sum().backward()
+    assert layer.router.weight.grad is not None and b.grad is None
+
+
+def test_expert_bias_survives_dtype_casts():
+    layer = moe_ext.MoELayer(8, 8, 4, 1, expert_bias=True)
+    with torch.no_grad():
+        layer.router.expert_bias.fill_(1e-4 + 1.0)
+    layer = layer.bfloat16()
+    assert layer.router.weight.dtype == torch.bfloat16
+    assert layer.router.expert_bias.dtype == torch.float32 and layer.router.expert_bias[0].item() == pytest.approx(
+        1.0001, abs=1e-7)
+    layer(torch.randn(5, 8, dtype=torch.bfloat16))
+
+
+def test_update_expert_bias():
+    layer = moe_ext.presets.deepseek_v3(d_model=16, d_ff=8, num_experts=8, top_k=2, n_group=4, topk_group=2)
+    layer(torch.randn(30, 16))
+    load = layer.last_stats["tokens_per_expert"]
+    before = layer.router.expert_bias.clone()
+    update_expert_bias(layer, rate=0.01)
+    delta = layer.router.expert_bias - before
+    mean = load.double().mean()
+    expected = 0.01 * torch.sign(mean - load.double())
+    torch.testing.assert_close(delta, expected.float())
+    # a bare tensor, an explicit load, a list of loads (micro-batches)
+    b = torch.zeros(4)
+    update_expert_bias(b, torch.tensor([4, 0, 2, 2]), rate=0.5)
+    assert b.tolist() == [-0.5, 0.5, 0.0, 0.0]
+    update_expert_bias(b, [torch.tensor([1, 0, 0, 3]), torch.tensor([1, 0, 0, 3])], rate=0.5)
+    assert b.tolist() == [-0.5, 1.0, 0.5, -0.5]  # load [2, 0, 0, 6], mean 2: expert 0 at the mean stays
+    with pytest.raises(ValueError, match="expert bias"):
+        update_expert_bias(moe_ext.MoELayer(8, 8, 4, 1), torch.ones(4))
+
+
+def test_expert_bias_balances_load():
+    torch.manual_seed(0)
+    layer = moe_ext.MoELayer(16, 8, 8, 2, score_func="sigmoid", expert_bias=True)
+    with torch.no_grad():
+        layer.router.weight[0] += 2.0  # expert 0 hogs tokens
+    x = torch.randn(256, 16)
+    with torch.no_grad():
+        layer(x)
+        start = layer.last_stats["tokens_per_expert"].max().item()
+        for _ in range(200):
+            layer(x)
+            update_expert_bias(layer, rate=0.01)
+        layer(x)
+    assert layer.last_stats["tokens_per_expert"].max().item() < start
+
+
+def test_shared_expert_gate_qwen2_semantics():
+    layer = moe_ext.MoELayer(16, 12, 6, 2, renormalize=False, num_shared_experts=1, shared_d_ff=20,
+                             shared_expert_gate=True).double()
+    assert layer.shared_expert_gate.weight.shape == (1, 16)
+    assert layer.shared_experts.w1.shape == (1, 40, 16)
+    x = torch.randn(9, 16, dtype=torch.float64)
+    y = layer(x)
+    routed = R.moe(x, layer.router(x), layer.experts.w1, layer.experts.w2, 2, renormalize=False)
+    se = layer.shared_experts
+    h = x @ se.w1[0].t()
+    shared = (torch.nn.functional.silu(h[:, :20]) * h[:, 20:]) @ se.w2[0].t()
+    torch.testing.assert_close(y, routed + torch.sigmoid(x @ layer.shared_expert_gate.weight.t()) * shared)
+    y.sum().backward()
+    assert layer.shared_expert_gate.weight.grad is not None
+    with pytest.raises(ValueError, match="shared_expert_gate"):
+        moe_ext.MoELayer(16, 12, 6, 2, shared_expert_gate=True)
+
+
+def test_offload_keeps_shared_expert_gate_and_bias():
+    layer = moe_ext.MoELayer(16, 12, 6, 2, num_shared_experts=1, shared_expert_gate=True, expert_bias=True).eval()
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.randn(6))
+    off = moe_ext.offload.offload_experts(layer, cache_experts=2, device="cpu")
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(off(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["switch", "mixtral_8x7b", "deepseek_moe", "deepseek_v3"])
+def test_presets_tiny(name):
+    small = dict(switch=dict(d_model=16, d_ff=24, num_experts=4),
+                 mixtral_8x7b=dict(d_model=16, d_ff=24),
+                 deepseek_moe=dict(d_model=16, d_ff=8, num_experts=16),
+                 deepseek_v3=dict(d_model=16, d_ff=8, num_experts=16))[name]
+    layer = getattr(moe_ext.presets, name)(**small)
+    x = torch.randn(2, 10, 16)
+    y = layer(x)
+    assert y.shape == x.shape
+    (y.sum() + layer.aux_loss).backward()
+    st = layer.last_stats
+    assert st["tokens_per_expert"].shape == (layer.num_experts,)
+    if name == "switch":
+        assert layer.top_k == 1 and layer.capacity_factor == 1.25 and layer.aux_loss_coef == 1e-2
+        assert layer.capacity(20) == math.ceil(1.25 * 20 / 4)
+        assert int(st["tokens_per_expert"].sum()) <= 20 and 0.0 <= float(st["drop_fraction"]) < 1.0
+    if name == "deepseek_v3":
+        assert layer.router.expert_bias is not None and layer.routed_scaling_factor == 2.5
+        assert layer.n_group == 8 and layer.topk_group == 4 and layer.top_k == 8 and layer.score_func == "sigmoid"
+    if name == "deepseek_moe":
+        assert layer.shared_experts.w1.shape[0] == 2 and layer.top_k == 6
+
+
+def test_preset_default_sizes():
+    # The real sizes, on the meta device (no memory).
+    m = moe_ext.presets.mixtral_8x7b(device="meta")
+    assert m.experts.w1.shape == (8, 2 * 14336, 4096) and m.top_k == 2
+    d = moe_ext.presets.deepseek_v3(device="meta")
+    assert d.experts.w1.shape == (256, 4096, 7168) and d.shared_experts.w1.shape == (1, 4096, 7168)

@@ -1,0 +1,284 @@
+"""moe_ext inside transformers: register() (experts_implementation="moe_ext") and replace_moe_blocks(),
+compared with transformers' own eager implementation on tiny random models, logits and every gradient."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import moe_ext  # noqa: E402
+from moe_ext.integrations import transformers as mt  # noqa: E402
+
+VOCAB = 64
+
+
+def _configs():
+    C = transformers
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, pad_token_id=0)
+    return {
+        "mixtral": lambda: C.MixtralConfig(**common, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
+        "qwen2_moe": lambda: C.Qwen2MoeConfig(**common, intermediate_size=40, moe_intermediate_size=24,
+                                              shared_expert_intermediate_size=20, num_experts=6,
+                                              num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=False),
+        "qwen2_moe_norm": lambda: C.Qwen2MoeConfig(**common, intermediate_size=40, moe_intermediate_size=24,
+                                                   shared_expert_intermediate_size=20, num_experts=6,
+                                                   num_experts_per_tok=3, decoder_sparse_step=1, norm_topk_prob=True),
+        "qwen3_moe": lambda: C.Qwen3MoeConfig(**common, intermediate_size=40, moe_intermediate_size=24, num_experts=8,
+                                              num_experts_per_tok=2, head_dim=8, decoder_sparse_step=1,
+                                              norm_topk_prob=True),
+        "olmoe": lambda: C.OlmoeConfig(**common, intermediate_size=24, num_experts=8, num_experts_per_tok=2),
+        "deepseek_v3": lambda: C.DeepseekV3Config(**{**common, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16,
+                                                  n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                                                  n_group=4, topk_group=2, first_k_dense_replace=1,
+                                                  kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                                                  v_head_dim=8, qk_nope_head_dim=8, routed_scaling_factor=2.5),
+        # layout flags: is_concatenated=False, is_transposed=True, has_bias=True, custom _apply_gate
+        "gpt_oss": lambda: C.GptOssConfig(**{**common, "num_key_value_heads": 2}, intermediate_size=24,
+                                          num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=8,
+                                          layer_types=["sliding_attention", "full_attention"]),
+    }
+
+
+CONFIGS = _configs()
+REPLACEABLE = ["mixtral", "qwen2_moe", "qwen2_moe_norm", "qwen3_moe", "olmoe", "deepseek_v3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    mt.register()
+    yield
+
+
+def _randomize(model, seed=0):
+    """Bigger-than-default router weights and biases, so routing is decisive and every path is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 1:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.5 if "gate.weight" in name else 0.1))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.1)
+
+
+def _build(family, impl, dtype, state=None):
+    cfg = CONFIGS[family]()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation=impl,
+                                                          attn_implementation="eager")
+    model = model.to(dtype)
+    if state is None:
+        _randomize(model)
+    else:
+        model.load_state_dict(state)
+    return model
+
+
+def _run(model, ids, train=False):
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids)
+    g = torch.Generator().manual_seed(1)
+    (out.logits * torch.randn(out.logits.shape, generator=g, dtype=out.logits.dtype)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+def _compare(a, b, tol):
+    la, ga = a
+    lb, gb = b
+    torch.testing.assert_close(la, lb, **tol)
+    assert set(ga) == set(gb), set(ga) ^ set(gb)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], **tol, msg=lambda m: f"{n}: {m}")
+
+
+def _ids(B=2, S=12, seed=3):
+    return torch.randint(1, VOCAB, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_register_matches_eager(family):
+    ref = _build(family, "eager", torch.float64)
+    state = ref.state_dict()
+    ours = _build(family, "moe_ext", torch.float64, state)
+    assert ours.config._experts_implementation == "moe_ext"
+    ids = _ids()
+    # Same router (transformers'), experts through moe_ext: float64 throughout, tight.
+    _compare(_run(ours, ids), _run(ref, ids), dict(atol=1e-12, rtol=1e-10))
+
+
+def test_register_runs_moe_ext_ops(monkeypatch):
+    calls = []
+    real = moe_ext.functional.grouped_gemm
+    monkeypatch.setattr(moe_ext.functional, "grouped_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _build("qwen3_moe", "moe_ext", torch.float32)
+    model(input_ids=_ids())
+    assert len(calls) == 2 * model.config.num_hidden_layers
+
+
+def test_register_float32_and_set_experts_implementation():
+    ref = _build("mixtral", "eager", torch.float32)
+    ours = copy.deepcopy(ref)
+    ours.set_experts_implementation("moe_ext")
+    ids = _ids()
+    _compare(_run(ours, ids), _run(ref, ids), dict(atol=2e-5, rtol=2e-5))
+
+
+def test_register_matches_grouped_mm_bfloat16():
+    ref = _build("qwen3_moe", "grouped_mm", torch.bfloat16)
+    ours = _build("qwen3_moe", "moe_ext", torch.bfloat16, ref.state_dict())
+    ids = _ids()
+    la, _ = _run(ours, ids)
+    lb, _ = _run(ref, ids)
+    torch.testing.assert_close(la.float(), lb.float(), atol=0.1, rtol=0.05)
+
+
+# Routing in the replaced blocks is moe_ext.topk_gating in fp32 (transformers routes in fp32 too, even for
+# float64 models): the scores can differ from torch.softmax/sigmoid by an ulp of fp32, so the comparison is at
+# fp32 precision even in float64; the selections are identical.
+REPLACE_TOL = dict(atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", REPLACEABLE)
+def test_replace_moe_blocks_matches_eager(family):
+    ref = _build(family, "eager", torch.float64)
+    ours = _build(family, "eager", torch.float64, ref.state_dict())
+    before = {n: p for n, p in ours.named_parameters()}
+    keys = set(ours.state_dict())
+    replaced = mt.replace_moe_blocks(ours)
+    expected = ours.config.num_hidden_layers - (1 if family == "deepseek_v3" else 0)
+    assert len(replaced) == expected and all(isinstance(ours.get_submodule(n), mt.MoEBlock) for n in replaced)
+    after = dict(ours.named_parameters())
+    assert set(after) == set(before) and all(after[n] is before[n] for n in before)  # shared, not copied
+    assert set(ours.state_dict()) == keys
+    ids = _ids()
+    _compare(_run(ours, ids), _run(ref, ids), REPLACE_TOL)
+
+
+def test_replace_moe_blocks_float32_and_router_logits():
+    ref = _build("qwen2_moe", "eager", torch.float32)
+    ours = _build("qwen2_moe", "eager", torch.float32, ref.state_dict())
+    mt.replace_moe_blocks(ours)
+    ids = _ids()
+    _compare(_run(ours, ids), _run(ref, ids), dict(atol=2e-5, rtol=2e-5))
+    ref.eval(), ours.eval()
+    a = ref(input_ids=ids, output_router_logits=True)
+    b = ours(input_ids=ids, output_router_logits=True)
+    assert len(b.router_logits) == ours.config.num_hidden_layers
+    for x, y in zip(a.router_logits, b.router_logits):
+        torch.testing.assert_close(x, y)
+    torch.testing.assert_close(a.aux_loss, b.aux_loss)
+
+
+def test_replace_moe_blocks_mixtral_jitter_in_training():
+    ref = _build("mixtral", "eager", torch.float64)
+    ref.config.router_jitter_noise = 0.1
+    for m in ref.modules():
+        if hasattr(m, "jitter_noise"):
+            m.jitter_noise = 0.1
+    ours = copy.deepcopy(ref)
+    mt.replace_moe_blocks(ours)
+    ids = _ids()
+    torch.manual_seed(7)
+    a = _run(ours, ids, train=True)
+    torch.manual_seed(7)
+    b = _run(ref, ids, train=True)
+    _compare(a, b, REPLACE_TOL)
+
+
+def test_replace_and_register_together():
+    ref = _build("deepseek_v3", "eager", torch.float64)
+    ours = _build("deepseek_v3", "moe_ext", torch.float64, ref.state_dict())
+    mt.replace_moe_blocks(ours)
+    ids = _ids()
+    _compare(_run(ours, ids), _run(ref, ids), REPLACE_TOL)
+
+
+def test_deepseek_group_masking():
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+    assert mt._group_fill_of(DeepseekV3TopkRouter) == float("-inf")  # this transformers version
+
+    class ZeroFill:
+        def forward(self, x):
+            s = x
+            return s.masked_fill(~score_mask.bool(), 0.0)  # noqa: F821
+
+    assert mt._group_fill_of(ZeroFill) == 0.0
+    torch.manual_seed(0)
+    T, E, k, G, TG = 50, 16, 4, 4, 2
+    scores = torch.rand(T, E)
+    bias = torch.randn(E) * 0.8  # many biased scores negative
+    # -inf masking: the op (exclusion of dropped groups) selects exactly what transformers selects
+    ref_ids = mt.grouped_topk_python(scores, bias, k, G, TG, float("-inf")).sort(-1).values
+    logits = torch.logit(scores)
+    g = moe_ext.topk_gating(logits, k, score_func="sigmoid", expert_bias=bias, num_groups=G, topk_groups=TG)
+    assert torch.equal(g.expert_ids.long().sort(-1).values, ref_ids)
+    # 0.0 masking (older transformers / DeepSeek-V2): dropped groups' experts outrank negative kept ones
+    zero_ids = mt.grouped_topk_python(scores, bias, k, G, TG, 0.0).sort(-1).values
+    assert not torch.equal(zero_ids, ref_ids)
+    router = DeepseekV3TopkRouter(CONFIGS["deepseek_v3"]())
+    with torch.no_grad():
+        router.weight.normal_()
+        router.e_score_correction_bias.copy_(torch.randn(router.num_experts))
+    x = torch.randn(20, router.hidden_dim)
+    for fill in (float("-inf"), 0.0):
+        ours = mt._moe_ext_router(router, "sigmoid_group")
+        type(ours)._moe_ext_group_fill = fill
+        lo, w, ids = ours(x)
+        s = lo.sigmoid()
+        exp = mt.grouped_topk_python(s, router.e_score_correction_bias, router.top_k, router.num_group,
+                                     router.topk_group, fill)
+        assert torch.equal(ids.long().sort(-1).values, exp.sort(-1).values)
+    type(ours)._moe_ext_group_fill = float("-inf")
+
+
+def test_load_balancing_loss_is_k_times_smaller_than_transformers():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    torch.manual_seed(0)
+    T, E = 40, 8
+    logits = torch.randn(T, E)
+    for k in (1, 2, 3):
+        g = moe_ext.topk_gating(logits, k)
+        ours = moe_ext.load_balancing_loss(g.tokens_per_expert, g.score_sum, T, k)
+        hf = load_balancing_loss_func((logits,), E, k)
+        torch.testing.assert_close(hf, k * ours, atol=1e-6, rtol=1e-5)
+
+
+def test_unsupported_block_class_is_an_error():
+    with pytest.raises(ValueError, match="unsupported"):
+        mt.replace_moe_blocks(torch.nn.Linear(2, 2), classes=["NoSuchBlock"])
+
+
+def test_bench_runs_tiny():
+    from moe_ext.integrations import bench_transformers as bt
+    res = bt.bench(hidden=32, ffn=48, experts=4, top_k=2, tokens=16, reps=1, warmup=0,
+                   impls=("moe_ext", "grouped_mm", "eager"))
+    assert set(res) == {"moe_ext", "grouped_mm", "eager"} and all(v["fwd"] > 0 and v["fwd_bwd"] > 0
+                                                                    for v in res.values())
+
+
+def test_fused_silu_and_mul_only_for_default_silu_gate():
+    mix = _build("mixtral", "moe_ext", torch.float64)
+    oss = _build("gpt_oss", "moe_ext", torch.float64)
+    assert mt._silu_and_mul_applies(mix.model.layers[0].mlp.experts)
+    assert not mt._silu_and_mul_applies(oss.model.layers[0].mlp.experts)  # its own clamped, interleaved gate
+    h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(mt._SiluAndMul.apply, (h,))
+    gate, up = h.chunk(2, -1)
+    torch.testing.assert_close(mt._SiluAndMul.apply(h), torch.nn.functional.silu(gate) * up, atol=0, rtol=0)
+
+
+def test_update_expert_bias_on_replaced_deepseek_block():
+    model = _build("deepseek_v3", "eager", torch.float32)
+    name = mt.replace_moe_blocks(model)[0]
+    block = model.get_submodule(name)
+    model(input_ids=_ids())
+    load = block.last_stats["tokens_per_expert"]
+    assert int(load.sum()) == _ids().numel() * model.config.num_experts_per_tok
+    bias = block.gate.e_score_correction_bias
+    before = bias.clone()
+    moe_ext.routing.update_expert_bias(block, rate=0.01)
+    torch.testing.assert_close(bias - before, (0.01 * torch.sign(load.double().mean() - load.double())).float())
