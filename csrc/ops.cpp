@@ -30,6 +30,7 @@ TORCH_LIBRARY(moe_ext, m) {
       "grouped_gemm(Tensor a, Tensor b, Tensor expert_offsets, bool trans_b=False, "
       "Tensor? bias=None) -> Tensor");
   m.def("grouped_gemm_wgrad(Tensor x, Tensor y, Tensor expert_offsets) -> Tensor");
+  m.def("capacity_reroute(Tensor expert_ids, Tensor keys, int capacity) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -12,7 +12,8 @@ from .functional import (GatingOutput, expert_ffn, fused_moe, grouped_gemm, perm
 from .losses import load_balancing_loss, z_loss  # noqa: F401
 from .modules import Experts, MoELayer, Router, SharedExperts  # noqa: F401
 from .routing import apply_capacity, capacity_rank, expert_choice, update_expert_bias  # noqa: F401
-from . import presets  # noqa: F401,E402
+from . import offload, parallel, presets  # noqa: F401,E402  (moe_ext.offload.offload_experts, ...)
+from . import integrations  # noqa: F401,E402  (integrations.transformers imports transformers lazily)
 
 __version__ = "0.1.0"
 

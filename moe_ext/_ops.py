@@ -72,3 +72,9 @@ def _grouped_gemm_fake(a, b, expert_offsets, trans_b=False, bias=None):
 @torch.library.register_fake("moe_ext::grouped_gemm_wgrad")
 def _grouped_gemm_wgrad_fake(x, y, expert_offsets):
     return x.new_empty((expert_offsets.shape[0] - 1, x.shape[1], y.shape[1]))
+
+
+@torch.library.register_fake("moe_ext::capacity_reroute")
+def _capacity_reroute_fake(expert_ids, keys, capacity):
+    _same_device("capacity_reroute", "expert_ids", expert_ids, "keys", keys)
+    return torch.empty_like(expert_ids)

@@ -17,7 +17,7 @@ Forward on each rank (W ranks in the group, E_l = E / W local experts, T local t
     ints). all_to_all_single with uneven splits needs its split sizes as Python ints, and the receive
     buffer needs its row count. Nothing else leaves the device: the regrouping below uses
     repeat_interleave with the host-known output_size, and every other size is static.
-    (overflow="reroute" adds its own host pass, as in MoELayer: see moe_ext.routing.apply_capacity.)
+    (overflow="reroute" runs the capacity_reroute op on the device: no further host sync.)
  5. dispatch all-to-all of the rows (uneven splits); they arrive grouped by (source rank, expert);
  6. regroup them by local expert (moe_ext.permute with local ids built from the received counts),
     run the local experts (expert_ffn over the grouped rows), undo the regrouping (unpermute);

@@ -148,3 +148,28 @@ def moe(x: Tensor, logits: Tensor, w1: Tensor, w2: Tensor, k: int, activation: s
             tok = (ids[:, j] == e).nonzero(as_tuple=True)[0]
             out[tok] += w[tok, j].unsqueeze(-1).to(out.dtype) * expert_forward(x[tok], w1[e], w2[e], activation).to(out.dtype)
     return out.to(x.dtype)
+
+
+def capacity_reroute(expert_ids: Tensor, keys: Tensor, capacity: int) -> Tensor:
+    """Reference of moe_ext's capacity_reroute: the greedy pass in Python (see moe_ext.routing)."""
+    T, k = expert_ids.shape
+    E = keys.shape[1]
+    pref = _ranked(keys.float()).tolist()
+    ids = expert_ids.tolist()
+    load = [0] * E
+    for j in range(k):
+        for t in range(T):
+            e = ids[t][j]
+            if not 0 <= e < E:
+                ids[t][j] = -1
+                continue
+            if load[e] < capacity:
+                load[e] += 1
+                continue
+            ids[t][j] = -1
+            for alt in pref[t]:
+                if alt not in ids[t] and load[alt] < capacity:
+                    ids[t][j] = alt
+                    load[alt] += 1
+                    break
+    return torch.tensor(ids, dtype=expert_ids.dtype).view(T, k)

@@ -1,6 +1,5 @@
 """Routing policies built on the op representation (expert ids per slot, -1 = dropped): capacity
-limits for token choice, and expert-choice routing. No function here synchronises with the device
-except overflow="reroute", whose greedy order is sequential (see apply_capacity).
+limits for token choice, and expert-choice routing. No function here synchronises with the device.
 """
 import torch
 from torch import Tensor
@@ -27,12 +26,6 @@ def capacity_rank(expert_ids: Tensor, num_experts: int) -> Tensor:
     return rank.view(k, T).t()
 
 
-def _preference(logits: Tensor, score_func: str) -> Tensor:
-    """Every token's experts, most preferred first: [T, E] int64."""
-    key = torch.sigmoid(logits.float()) if score_func == "sigmoid" else logits.float()
-    return torch.sort(-key, dim=-1, stable=True).indices
-
-
 def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacity: int, overflow: str = "drop",
                    score_func: str = "softmax") -> Tensor:
     """Expert ids [T, k] with the slots past each expert's capacity dropped (-1) or rerouted.
@@ -41,33 +34,16 @@ def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacit
     contribute zero (the kept slots keep their weights). overflow="reroute": slots are visited in
     priority order; one whose expert is full moves to the token's next preferred expert (by logits)
     that has room and that the token has not chosen, keeping the slot's weight; it is dropped only when
-    no expert has room. Rerouting is a sequential greedy pass and runs on the host.
+    no expert has room. Rerouting is a sequential greedy pass (the capacity_reroute op: a CPU loop, or
+    one CUDA thread on the device, so no host synchronisation).
     """
     if overflow == "drop":
         keep = capacity_rank(expert_ids, num_experts) < capacity
         return torch.where(keep & (expert_ids >= 0), expert_ids, torch.full_like(expert_ids, -1))
     if overflow != "reroute":
         raise ValueError(f"moe_ext.apply_capacity: overflow must be 'drop' or 'reroute', got {overflow!r}")
-    T, k = expert_ids.shape
-    pref = _preference(logits.detach(), score_func).cpu().tolist()
-    ids = expert_ids.cpu().tolist()
-    load = [0] * num_experts
-    for j in range(k):
-        for t in range(T):
-            e = ids[t][j]
-            if e < 0:
-                continue
-            if load[e] < capacity:
-                load[e] += 1
-                continue
-            ids[t][j] = -1
-            chosen = set(ids[t])
-            for alt in pref[t]:
-                if alt not in chosen and load[alt] < capacity:
-                    ids[t][j] = alt
-                    load[alt] += 1
-                    break
-    return torch.tensor(ids, dtype=expert_ids.dtype, device=expert_ids.device).view(T, k)
+    keys = torch.sigmoid(logits.detach().float()) if score_func == "sigmoid" else logits.detach().float()
+    return torch.ops.moe_ext.capacity_reroute(expert_ids, keys, capacity)
 
 
 def expert_choice(logits: Tensor, capacity: int, score_func: str = "softmax"):

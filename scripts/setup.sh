@@ -20,6 +20,8 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q "$TORCH_SPEC" pybind11 ninja pytest numpy expecttest hypothesis matplotlib nbclient nbformat ipykernel
 # CUTLASS headers for the grouped GEMM (the wheel's other dependencies are not needed).
 "$PY" -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
+# Optional: transformers for the integration tests (they are skipped without it).
+"$PY" -m pip install -q transformers==5.18.0 || echo "setup: transformers 5.18.0 not installed; its tests will be skipped"
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-build-isolation -e .
 "$PY" -c "import moe_ext; print('moe_ext', moe_ext.build_info())"
 

@@ -36,6 +36,8 @@ def samples():
     yield "grouped_gemm", (xs, torch.randn(E, H, 40), off), {}
     yield "grouped_gemm", (xs, torch.randn(E, 40, H), off, True, torch.randn(E, 40)), {}
     yield "grouped_gemm_wgrad", (xs, torch.randn(xs.shape[0], 40), off), {}
+    yield "capacity_reroute", (ids, logits, 2), {}
+    yield "capacity_reroute", (ids.long(), logits.double(), 0), {}
 
 
 @pytest.mark.parametrize("name,args,kwargs", list(samples()))

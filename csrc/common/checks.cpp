@@ -285,4 +285,16 @@ void check_grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& y, const at
   check_offsets(op, expert_offsets, "x", x, expert_offsets.size(0) - 1, x.size(0));
 }
 
+void check_capacity_reroute(const at::Tensor& expert_ids, const at::Tensor& keys, int64_t capacity) {
+  const char* op = "capacity_reroute";
+  check_dim(op, "keys", keys, 2, "[T, E]");
+  check_float_dtype(op, "keys", keys);
+  check_dim(op, "expert_ids", expert_ids, 2, "[T, k]");
+  check_index_dtype(op, "expert_ids", expert_ids, true, true);
+  check_size(op, "expert_ids", expert_ids, 0, keys.size(0), "keys.size(0) (T)");
+  check_same_device(op, "expert_ids", expert_ids, "keys", keys);
+  TORCH_CHECK(capacity >= 0, "moe_ext.", op, ": capacity must be >= 0, got ", capacity);
+  check_id_values(op, "expert_ids", expert_ids, -1, keys.size(1));
+}
+
 }  // namespace moe_ext

@@ -59,4 +59,6 @@ void check_grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
 void check_grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& y,
                               const at::Tensor& expert_offsets);
 
+void check_capacity_reroute(const at::Tensor& expert_ids, const at::Tensor& keys, int64_t capacity);
+
 }  // namespace moe_ext

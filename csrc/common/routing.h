@@ -342,4 +342,38 @@ MOE_HD int64_t clamp_row(int64_t row, int64_t max_rows) { return row < max_rows 
 
 MOE_HD bool valid_expert(int64_t e, int64_t num_experts) { return e >= 0 && e < num_experts; }
 
+// Capacity with rerouting (token choice, overflow="reroute"): slots are visited in priority order
+// (every token's first choice, then every second choice, ...; lower token first). A slot whose expert
+// still has room keeps it; otherwise it moves to the best-ranked expert (by keys[t, :], ranks_before)
+// that has room and that the token does not hold, or is dropped (-1) when none has room. Inherently
+// sequential: the CPU loop and a single CUDA thread run exactly this function. load: E zeroed ints.
+template <typename index_t, typename key_t>
+MOE_HD void reroute_capacity(index_t* ids, const key_t* keys, int64_t T, int64_t k, int64_t E,
+                             int64_t capacity, int* load) {
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t t = 0; t < T; ++t) {
+      index_t* row = ids + t * k;
+      const int64_t e = row[j];
+      if (!valid_expert(e, E)) {
+        row[j] = -1;
+        continue;
+      }
+      if (load[e] < capacity) {
+        ++load[e];
+        continue;
+      }
+      int64_t best = -1;
+      for (int64_t a = 0; a < E; ++a) {
+        if (load[a] >= capacity) continue;
+        bool held = false;
+        for (int64_t i = 0; i < k; ++i) held = held || row[i] == a;
+        if (held) continue;
+        if (best < 0 || ranks_before(float(keys[t * E + a]), int(a), float(keys[t * E + best]), int(best))) best = a;
+      }
+      row[j] = static_cast<index_t>(best);
+      if (best >= 0) ++load[best];
+    }
+  }
+}
+
 }  // namespace moe_ext

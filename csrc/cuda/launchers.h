@@ -61,4 +61,10 @@ cudaError_t launch_unpermute_backward(DType dt, const void* grad_y, const void* 
                                       void* grad_weights_acc, void* workspace, int64_t T, int64_t k,
                                       int64_t H, int64_t R, cudaStream_t stream);
 
+// ---- capacity_reroute ----
+// ids [T, k] (int32 if ids_int32 else int64), rewritten in place; keys [T, E] fp32; load: E ints of
+// scratch (zeroed here). One thread runs the sequential greedy pass (common/routing.h).
+cudaError_t launch_capacity_reroute(void* ids, bool ids_int32, const float* keys, int64_t T, int64_t k, int64_t E,
+                                    int64_t capacity, int* load, cudaStream_t stream);
+
 }  // namespace moe_ext::cuda

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+import moe_ext
+from moe_ext import reference as R
+
+ops = torch.ops.moe_ext
+
+
+@pytest.mark.parametrize("T,E,k,cap", [(37, 7, 3, 10), (16, 8, 2, 3), (5, 7, 7, 4), (40, 4, 2, 0), (9, 60, 8, 1),
+                                       (0, 7, 3, 2)])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_reroute_matches_reference(T, E, k, cap, dtype):
+    keys = torch.randn(T, E)
+    keys[: T // 3] = torch.round(keys[: T // 3])  # ties: lower expert id preferred
+    ids = keys.topk(k, dim=-1).indices if T else torch.empty(0, k, dtype=torch.long)
+    ids = ids.to(dtype)
+    if T:
+        ids[torch.rand(T, k) < 0.1] = -1
+    out = ops.capacity_reroute(ids, keys, cap)
+    assert out.dtype == dtype
+    assert torch.equal(out, R.capacity_reroute(ids, keys, cap))
+    load = torch.bincount(out[out >= 0].long(), minlength=E)
+    assert (load <= cap).all()
+    for row in out.tolist():  # a token never holds an expert twice
+        kept = [e for e in row if e >= 0]
+        assert len(kept) == len(set(kept))
+
+
+def test_reroute_keeps_everything_when_capacity_suffices():
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1]], dtype=torch.int32)
+    assert torch.equal(ops.capacity_reroute(ids, torch.randn(3, 4), 3), ids)
+
+
+def test_reroute_opcheck_and_errors():
+    ids = torch.tensor([[0, 1], [0, 1], [0, 1]], dtype=torch.int32)
+    torch.library.opcheck(ops.capacity_reroute.default, (ids, torch.randn(3, 4), 2))
+    with pytest.raises(RuntimeError, match=r"capacity_reroute: expert_ids holds 4 at flat index 1"):
+        ops.capacity_reroute(torch.tensor([[0, 4]]), torch.randn(1, 4), 2)
+    with pytest.raises(RuntimeError, match=r"capacity_reroute: capacity must be >= 0, got -1"):
+        ops.capacity_reroute(ids, torch.randn(3, 4), -1)
+    with pytest.raises(RuntimeError, match=r"capacity_reroute: expert_ids.size\(0\) must equal keys.size\(0\) \(T\) = 2"):
+        ops.capacity_reroute(ids, torch.randn(2, 4), 2)
+
+
+def test_capacity_rank_is_priority_order():
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2]], dtype=torch.int32)
+    # expert 2: (t0, j0), (t1, j0), then (t2, j1); expert 0: (t2, j0) then (t0, j1)
+    assert moe_ext.capacity_rank(ids, 3).tolist() == [[0, 1], [1, 0], [0, 2]]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T,E,k,cap", [(37, 7, 3, 10), (1000, 64, 8, 100), (300, 160, 6, 9), (0, 8, 2, 1)])
+def test_reroute_cuda_matches_cpu(T, E, k, cap):
+    keys = torch.randn(T, E)
+    ids = (keys.topk(k, dim=-1).indices if T else torch.empty(0, k, dtype=torch.long)).to(torch.int32)
+    cpu = ops.capacity_reroute(ids, keys, cap)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = ops.capacity_reroute(ids.cuda(), keys.cuda(), cap)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(gpu.cpu(), cpu)
+    torch.library.opcheck(ops.capacity_reroute.default, (ids.cuda(), keys.cuda(), cap))
