@@ -2,12 +2,32 @@
 // blocking and threading), written straight into the output. Rows outside [offsets[0], offsets[E])
 // are zero; experts with no rows get a zero weight gradient.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <functional>
 
 #include "../common/checks.h"
 
 namespace moe_ext {
 namespace {
+
+// Experts with few rows each (fine-grained MoE: Qwen3, DeepSeek) spend their time in per-call
+// overhead, and one BLAS call cannot use all threads: there, run experts side by side, each call
+// single-threaded (at::parallel_for disables nested parallelism). Large experts keep one
+// multi-threaded call each. Either way each expert's output is computed by one call: deterministic.
+constexpr int64_t kSmallExpertRows = 256;
+
+void for_each_expert(const int64_t* o, int64_t E, const std::function<void(int64_t)>& fn) {
+  const int64_t rows = o[E] - o[0];
+  if (E > 1 && rows < kSmallExpertRows * E) {
+    at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) fn(e);
+    });
+  } else {
+    for (int64_t e = 0; e < E; ++e) fn(e);
+  }
+}
 
 at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets,
                             bool trans_b, const std::optional<at::Tensor>& bias) {
@@ -19,9 +39,9 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
   const int64_t* o = offs.data_ptr<int64_t>();
   if (o[0] > 0) c.narrow(0, 0, o[0]).zero_();
   if (o[E] < M) c.narrow(0, o[E], M - o[E]).zero_();
-  for (int64_t e = 0; e < E; ++e) {
+  for_each_expert(o, E, [&](int64_t e) {
     const int64_t rows = o[e + 1] - o[e];
-    if (rows == 0) continue;
+    if (rows == 0) return;
     auto out = c.narrow(0, o[e], rows);
     const auto be = trans_b ? b[e].t() : b[e];
     if (bias.has_value()) {
@@ -29,7 +49,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
     } else {
       at::mm_out(out, a.narrow(0, o[e], rows), be);
     }
-  }
+  });
   return c;
 }
 
@@ -39,15 +59,15 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& x, const at::Tensor& y, cons
   auto out = at::empty({E, x.size(1), y.size(1)}, x.options());
   const auto offs = expert_offsets.contiguous();
   const int64_t* o = offs.data_ptr<int64_t>();
-  for (int64_t e = 0; e < E; ++e) {
+  for_each_expert(o, E, [&](int64_t e) {
+    auto oe = out[e];
     const int64_t rows = o[e + 1] - o[e];
     if (rows == 0) {
-      out[e].zero_();
-      continue;
+      oe.zero_();
+      return;
     }
-    auto oe = out[e];
     at::mm_out(oe, x.narrow(0, o[e], rows).t(), y.narrow(0, o[e], rows));
-  }
+  });
   return out;
 }
 
