@@ -29,7 +29,6 @@
 # %%
 import argparse
 import json
-import math
 import os
 import shlex
 import sys

@@ -8,7 +8,6 @@ Load-balancing loss (Switch Transformer, GShard):  E * sum_e f_e * P_e
 z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
 Both differentiate back to the router logits through score_sum and lse (f_e is a count: no gradient).
 """
-import torch
 from torch import Tensor
 
 

@@ -35,7 +35,6 @@ lets each expert choose among each rank's own tokens (C from the local T), so an
 every rank, exactly what the unsharded layer gives on that rank's tokens.
 """
 import copy
-import math
 import time
 from typing import NamedTuple, Optional
 
@@ -45,7 +44,6 @@ from torch import Tensor, nn
 
 from . import functional as MF
 from .modules import Experts, MoELayer
-from .routing import apply_capacity, expert_choice
 
 __all__ = ["ExpertParallelMoELayer", "shard_experts", "expert_range", "make_ep_dp_groups", "EPDPGroups",
            "all_reduce_gradients", "all_to_all"]
@@ -154,32 +152,17 @@ class ExpertParallelMoELayer(nn.Module):
                     nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad))
         self.experts = experts
         self.shared_experts = copy.deepcopy(layer.shared_experts)
+        self.shared_expert_gate = copy.deepcopy(getattr(layer, "shared_expert_gate", None))
         self.aux_loss: Tensor = torch.zeros(())
         self.last_stats: dict = {}
         self.last_comm: dict = {}
         self.comm_stats: Optional[dict] = None
 
+    # Routing, shared experts and statistics are MoELayer's own (expert bias, shared-expert gate...).
     capacity = MoELayer.capacity
+    route = MoELayer.route
+    _shared = MoELayer._shared
     _record = MoELayer._record
-
-    def _route(self, x: Tensor, T: int):
-        router_in = x
-        if self.training and self.jitter_eps > 0:
-            noise = torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-            router_in = x * noise
-        logits = self.router(router_in)
-        if self.routing == "expert_choice":
-            weights, ids, scores, lse = expert_choice(logits, self.capacity(T), self.score_func)
-            return logits, weights, ids, scores.sum(0), lse, None, self.num_experts * min(self.capacity(T), T)
-        g = MF.topk_gating(logits, self.top_k, score_func=self.score_func, renormalize=self.renormalize,
-                           num_groups=self.n_group, topk_groups=self.topk_group,
-                           routed_scaling=self.routed_scaling_factor)
-        ids, max_rows = g.expert_ids, -1
-        if self.capacity_factor is not None:
-            ids = apply_capacity(ids, logits, self.num_experts, self.capacity(T), self.overflow,
-                                 score_func=self.score_func)
-            max_rows = min(T * self.top_k, self.num_experts * self.capacity(T))
-        return logits, g.weights, ids, g.score_sum, g.lse, g.tokens_per_expert, max_rows
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -187,7 +170,7 @@ class ExpertParallelMoELayer(nn.Module):
         x = x.reshape(-1, H)
         T = x.shape[0]
         W, El, E = self.ep_size, self.num_local_experts, self.num_experts
-        logits, weights, ids, score_sum, lse, tokens_chosen, max_rows = self._route(x, T)
+        logits, weights, ids, max_rows, tokens_chosen, score_sum, lse = self.route(x)
 
         # Rows grouped by global expert = grouped by destination rank (contiguous expert ranges).
         x_sorted, offsets, row_map = MF.permute(x, ids, E, max_rows)
@@ -215,7 +198,7 @@ class ExpertParallelMoELayer(nn.Module):
         y_sorted = all_to_all(y_recv, send_splits, recv_splits, self.group, self.comm_stats)
         y = MF.unpermute(y_sorted, row_map, weights)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            y = y + self._shared(x)
 
         self._record(T, logits, offsets, tokens_chosen, score_sum, lse)
         self.last_stats["tokens_per_local_expert"] = (local_offsets[1:] - local_offsets[:-1]).to(torch.int32)

@@ -16,7 +16,10 @@ TIMEOUT_S = 150
 
 def _make_layer(c):
     torch.manual_seed(1234)
-    return moe_ext.MoELayer(c["H"], c["F"], c["E"], c["k"], **c.get("kw", {})).double()
+    layer = moe_ext.MoELayer(c["H"], c["F"], c["E"], c["k"], **c.get("kw", {})).double()
+    if getattr(layer.router, "expert_bias", None) is not None:
+        layer.router.expert_bias.copy_(torch.linspace(-0.5, 0.5, c["E"]))
+    return layer
 
 
 def _inputs(r, c):
@@ -109,6 +112,9 @@ def test_expert_parallel_two_ranks_matches_unsharded():
                                                    score_func="sigmoid")),
         # Every rank's tokens on one rank's experts is possible; also top-k = E.
         dict(H=8, F=6, E=4, k=4, Ts=[3, 2]),
+        # DeepSeek/Qwen2 options come from MoELayer.route/_shared: selection bias, groups, gated shared expert.
+        dict(base, Ts=[5, 7], kw=dict(score_func="sigmoid", expert_bias=True, n_group=2, topk_group=1,
+                                      num_shared_experts=1, shared_expert_gate=True)),
         # Routing policies are per rank, so they shard unchanged.
         dict(base, Ts=[9, 6], kw=dict(capacity_factor=0.5, overflow="reroute")),
         dict(base, Ts=[6, 9], kw=dict(routing="expert_choice", capacity_factor=1.0)),

@@ -9,7 +9,7 @@ taken round-robin, so drift of clocks or machine load hits them alike.
 import contextlib
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 
