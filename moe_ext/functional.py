@@ -173,12 +173,51 @@ def _activation(name: str):
         raise ValueError(f"moe_ext: activation must be one of {sorted(ACTIVATIONS)}, got {name!r}") from None
 
 
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up over h = [gate | up] -> [.., F], whose backward writes d gate and d up straight
+    into one [.., 2F] gradient (autograd through chunk would allocate both halves and cat them)."""
+
+    @staticmethod
+    def forward(ctx, h, act_name):
+        gate, up = h.chunk(2, dim=-1)
+        act = _ACT_FORWARD[act_name](gate)
+        ctx.save_for_backward(h, act)
+        ctx.act_name = act_name
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, act = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        g = grad * up
+        if torch.compiler.is_compiling():  # Dynamo takes no strided out=; inductor fuses the cat anyway
+            return torch.cat((_act_backward(ctx.act_name, g, gate), grad * act), dim=-1), None
+        grad_h = torch.empty_like(h)
+        d_gate, d_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, act, out=d_up)
+        _act_backward(ctx.act_name, g, gate, out=d_gate)
+        return grad_h, None
+
+
+def _act_backward(name: str, grad: Tensor, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    if name == "silu":
+        if out is None:
+            return torch.ops.aten.silu_backward(grad, x)
+        return torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out)
+    if out is None:
+        return torch.ops.aten.gelu_backward(grad, x, approximate=_GELU_APPROX[name])
+    return torch.ops.aten.gelu_backward.grad_input(grad, x, approximate=_GELU_APPROX[name], grad_input=out)
+
+
+_ACT_FORWARD = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh}
+_GELU_APPROX = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
 def apply_activation(h: Tensor, activation: str) -> Tensor:
     """act(h), or act(gate) * up over h = [gate | up] (last dim 2F -> F) for gated activations."""
     act, gated = _activation(activation)
     if gated:
-        gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
+        return _GatedActivation.apply(h, activation)
     return act(h)
 
 

@@ -266,9 +266,11 @@ def test_fused_silu_and_mul_only_for_default_silu_gate():
     assert mt._silu_and_mul_applies(mix.model.layers[0].mlp.experts)
     assert not mt._silu_and_mul_applies(oss.model.layers[0].mlp.experts)  # its own clamped, interleaved gate
     h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(mt._SiluAndMul.apply, (h,))
-    gate, up = h.chunk(2, -1)
-    torch.testing.assert_close(mt._SiluAndMul.apply(h), torch.nn.functional.silu(gate) * up, atol=0, rtol=0)
+    for act, fn in (("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu),
+                    ("gelu_tanh", lambda v: torch.nn.functional.gelu(v, approximate="tanh"))):
+        torch.autograd.gradcheck(lambda x: moe_ext.functional.apply_activation(x, act), (h,))
+        gate, up = h.chunk(2, -1)
+        torch.testing.assert_close(moe_ext.functional.apply_activation(h, act), fn(gate) * up, atol=0, rtol=0)
 
 
 def test_update_expert_bias_on_replaced_deepseek_block():

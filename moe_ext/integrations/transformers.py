@@ -35,28 +35,6 @@ NAME = "moe_ext"
 # ----------------------------------------------------------------------------------------------------
 # 1. The experts implementation
 # ----------------------------------------------------------------------------------------------------
-class _SiluAndMul(torch.autograd.Function):
-    """silu(gate) * up over h = [gate | up] (transformers' default _apply_gate with SiLU), whose backward
-    writes d gate and d up straight into one [S, 2F] gradient (autograd's chunk would cat them)."""
-
-    @staticmethod
-    def forward(ctx, h):
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate)
-        ctx.save_for_backward(h, act)  # what autograd's silu * up saves too (act for d up)
-        return act * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, act = ctx.saved_tensors
-        gate, up = h.chunk(2, dim=-1)
-        grad_h = torch.empty_like(h)
-        d_gate, d_up = grad_h.chunk(2, dim=-1)
-        torch.mul(grad, act, out=d_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
-        return grad_h
-
-
 def _silu_and_mul_applies(module: nn.Module) -> bool:
     """True when module's gate is exactly transformers' default (act_fn(gate) * up, concatenated) with SiLU."""
     try:
@@ -92,7 +70,7 @@ def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index:
     x_sorted, offsets, row_map = MF.permute(x, ids, E)
     h = MF.grouped_gemm(x_sorted, w_in, offsets, trans_b=not transposed, bias=b_in)
     if has_gate:
-        h = _SiluAndMul.apply(h) if _silu_and_mul_applies(self) else self._apply_gate(h)
+        h = MF.apply_activation(h, "silu") if _silu_and_mul_applies(self) else self._apply_gate(h)
     else:
         h = self.act_fn(h)
     y = MF.grouped_gemm(h, self.down_proj, offsets, trans_b=not transposed, bias=b_out)
