@@ -202,3 +202,29 @@ def run(models=None, tokens=None, gemms=GEMMS, backward=(False, True), impls=Non
                 for bwd in backward:
                     rows += bench_grouped_gemm(model, t, gemm, bwd, impls, dtype, warmup, iters)
     return rows
+
+
+def main(argv=None):
+    """python bench/gemm_kernels.py [--quick] [--out FILE.json]: the issue's goal points (--quick:
+    Mixtral at 8192 tokens forward and forward+backward, and 1/16-token decode) or the full grid."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    if a.quick:
+        rows = run(models=["mixtral"], tokens=[1, 16, 8192]) + run(models=["qwen3-30b-a3b"], tokens=[4096],
+                                                                   backward=(False,))
+    else:
+        rows = run()
+    for r in rows:
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -94,3 +94,15 @@ def unpermute_bandwidth(shapes=PERMUTE_SHAPES, E: int = 64, dtype=torch.bfloat16
 
 def all_rows() -> list[dict]:
     return gating_latency() + permute_bandwidth() + unpermute_bandwidth()
+
+
+if __name__ == "__main__":  # python bench/routing_kernels.py [OUT.json]
+    import json
+    import sys
+
+    rows = all_rows()
+    for r in rows:
+        print(r)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump(rows, f, indent=1)

@@ -132,6 +132,12 @@ BENCH_DIR=/tmp/moe_ext_bench
 rm -rf "$BENCH_DIR"
 step bench_quick 150 "$FINAL_RESERVE" $PY -m moe_ext.bench --device cuda --quick --profile --out "$BENCH_DIR"
 
+# The kernel issues' own goal points (gating latency grid, permute/unpermute bandwidth, grouped GEMM
+# at Mixtral 8192 tokens and decode sizes); rows land in the benchmark folder (bench.tar.gz).
+step bench_kernels 90 "$FINAL_RESERVE" bash -c "mkdir -p '$BENCH_DIR' && \
+    $PY bench/routing_kernels.py '$BENCH_DIR/routing_kernels.json' && \
+    $PY bench/gemm_kernels.py --quick --out '$BENCH_DIR/gemm_kernels.json'"
+
 if command -v compute-sanitizer >/dev/null; then
     step racecheck 80 "$FINAL_RESERVE" bash -c "set -o pipefail; sanitize racecheck 2>&1 | tee '$OUT/racecheck.log'"
 fi
