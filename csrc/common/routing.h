@@ -190,12 +190,6 @@ MOE_HD void row_softmax_stats(const In* logits, int E, T* row_max, T* sum) {
   *sum = fixed_order_sum<T>(E, [&](int64_t e) { return moe_exp(T(logits[e]) - m); });
 }
 
-MOE_HD bool id_taken(const int* ids, int n, int e) {
-  for (int i = 0; i < n; ++i)
-    if (ids[i] == e) return true;
-  return false;
-}
-
 // A group's score: the sum of the two best selection keys among experts [first, last), ranked with
 // the shared order (the key itself if the group holds one expert).
 template <typename T, typename KeyAt>
@@ -252,18 +246,22 @@ MOE_HD void gate_token(const GatingParams& p, const In* logits, const T* bias, T
 
   const uint64_t groups = select_groups(p, logits, score, bias);
   const int gsize = p.num_experts / (p.num_groups > 1 ? p.num_groups : 1);
-  for (int j = 0; j < p.k; ++j) {
-    int best = -1;
-    T best_key = T(0);
-    for (int e = 0; e < E; ++e) {
-      if (!(groups >> (e / gsize) & 1) || id_taken(ids, j, e)) continue;
-      const T key = selection_key(p, T(logits[e]), score[e], bias ? bias[e] : T(0));
-      if (best < 0 || ranks_before(key, e, best_key, best)) {
-        best = e;
-        best_key = key;
-      }
+  // One pass keeping the k best so far sorted (insertion), their keys parked in `weights` until the
+  // weights are computed below: O(E) comparisons for most experts instead of k passes over E.
+  // ranks_before is a total order, so the k chosen and their order are unique.
+  T* keys = weights;
+  int n = 0;
+  for (int e = 0; e < E; ++e) {
+    if (!(groups >> (e / gsize) & 1)) continue;
+    const T key = selection_key(p, T(logits[e]), score[e], bias ? bias[e] : T(0));
+    if (n == p.k && !ranks_before(key, e, keys[n - 1], ids[n - 1])) continue;
+    int pos = n < p.k ? n++ : n - 1;
+    for (; pos > 0 && ranks_before(key, e, keys[pos - 1], ids[pos - 1]); --pos) {
+      keys[pos] = keys[pos - 1];
+      ids[pos] = ids[pos - 1];
     }
-    ids[j] = best;
+    keys[pos] = key;
+    ids[pos] = e;
   }
 
   T chosen_max = T(-INFINITY), chosen_sum = T(0);
