@@ -210,18 +210,26 @@ MOE_HD T group_score(int first, int last, const KeyAt& key_at) {
 // Group-limited routing (DeepSeek-V3): a group's score is the sum of its two best selection keys;
 // the topk_groups best groups stay eligible. Returns a bit mask of the kept groups (num_groups <= 64).
 template <typename T, typename In>
-MOE_HD uint64_t select_groups(const GatingParams& p, const In* logits, const T* score, const T* bias) {
+MOE_HD uint64_t select_groups(const GatingParams& p, const In* logits, const T* score, const T* bias,
+                              T* group_scratch = nullptr) {
   if (p.num_groups <= 1) return ~uint64_t(0);
   const int gsize = p.num_experts / p.num_groups;
+  auto gscore = [&](int g) {
+    return group_score<T>(g * gsize, (g + 1) * gsize, [&](int e) {
+      return selection_key(p, T(logits[e]), score[e], bias ? bias[e] : T(0));
+    });
+  };
+  // With scratch (the CPU) each group is scored once; without (a CUDA thread, which must not spill an
+  // array to local memory) it is rescored each round. Same values, same choice.
+  if (group_scratch)
+    for (int g = 0; g < p.num_groups; ++g) group_scratch[g] = gscore(g);
   uint64_t kept = 0;
   for (int r = 0; r < p.topk_groups; ++r) {
     int best = -1;
     T best_val = T(0);
     for (int g = 0; g < p.num_groups; ++g) {
       if (kept >> g & 1) continue;
-      const T gval = group_score<T>(g * gsize, (g + 1) * gsize, [&](int e) {
-        return selection_key(p, T(logits[e]), score[e], bias ? bias[e] : T(0));
-      });
+      const T gval = group_scratch ? group_scratch[g] : gscore(g);
       if (best < 0 || ranks_before(gval, g, best_val, best)) {
         best = g;
         best_val = gval;
@@ -234,9 +242,10 @@ MOE_HD uint64_t select_groups(const GatingParams& p, const In* logits, const T* 
 
 // Forward for one token. score: scratch of E, filled with the full scores (softmax or sigmoid)
 // that the load-balancing loss sums. Writes k ids (best first), k weights and the row logsumexp.
+// group_scratch: optional room for num_groups values (saves rescoring groups; results unchanged).
 template <typename T, typename In>
 MOE_HD void gate_token(const GatingParams& p, const In* logits, const T* bias, T* score, int* ids,
-                       T* weights, T* lse) {
+                       T* weights, T* lse, T* group_scratch = nullptr) {
   const int E = p.num_experts;
   T m, sum;
   row_softmax_stats(logits, E, &m, &sum);
@@ -244,7 +253,7 @@ MOE_HD void gate_token(const GatingParams& p, const In* logits, const T* bias, T
   const T inv_sum = T(1) / sum;
   for (int e = 0; e < E; ++e) score[e] = score_of(p.score, T(logits[e]), m, inv_sum);
 
-  const uint64_t groups = select_groups(p, logits, score, bias);
+  const uint64_t groups = select_groups(p, logits, score, bias, group_scratch);
   const int gsize = p.num_experts / (p.num_groups > 1 ? p.num_groups : 1);
   // One pass keeping the k best so far sorted (insertion), their keys parked in `weights` until the
   // weights are computed below: O(E) comparisons for most experts instead of k passes over E.

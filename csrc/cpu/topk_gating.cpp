@@ -48,11 +48,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gati
     acc* psum = partial_sum.data_ptr<acc>();
     int* pcnt = partial_cnt.data_ptr<int>();
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<acc> score(E);
+      std::vector<acc> score(E), group_scores(64);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t t_end = std::min(T, (b + 1) * kGateTokenBlock);
         for (int64_t t = b * kGateTokenBlock; t < t_end; ++t) {
-          gate_token<acc>(p, lp + t * E, bias_p, score.data(), ip + t * k, wp + t * k, lsep + t);
+          gate_token<acc>(p, lp + t * E, bias_p, score.data(), ip + t * k, wp + t * k, lsep + t,
+                          group_scores.data());
           for (int64_t e = 0; e < E; ++e) psum[b * E + e] += score[e];
           for (int64_t j = 0; j < k; ++j) pcnt[b * E + ip[t * k + j]] += 1;
         }
