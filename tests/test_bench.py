@@ -151,3 +151,16 @@ def test_gpu_check_fails_loudly_without_gpu(tmp_path):
                        env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable), timeout=120)
     assert r.returncode == 2
     assert "NO GPU VISIBLE" in r.stdout and "NO GPU VISIBLE" in (tmp_path / "log.txt").read_text()
+
+
+def test_quick_cli_on_cpu(tmp_path):
+    """The real --quick plan end to end on the CPU, as the README's first command runs it (~30 s)."""
+    out = tmp_path / "quick"
+    r = subprocess.run([sys.executable, "-m", "moe_ext.bench", "--device", "cpu", "--quick", "--threads", "1",
+                        "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["mode"] == "quick"
+    checked = [row for row in doc["rows"] if row.get("impl") == "moe_ext"]
+    assert checked and all(row["ok"] is True for row in checked)
+    assert {row["suite"] for row in doc["rows"]} >= {"gating", "permute", "unpermute", "grouped_gemm", "layer"}
