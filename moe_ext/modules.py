@@ -180,7 +180,7 @@ class MoELayer(nn.Module):
             max_rows = -1
             if self.capacity_factor is not None:
                 ids = apply_capacity(ids, logits, self.num_experts, self.capacity(T), self.overflow,
-                                     score_func=self.score_func)
+                                     score_func=self.score_func, expert_bias=getattr(self.router, "expert_bias", None))
                 max_rows = min(T * self.top_k, self.num_experts * self.capacity(T))
         return logits, weights, ids, max_rows, tokens_chosen, score_sum, lse
 

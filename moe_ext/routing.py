@@ -1,6 +1,8 @@
 """Routing policies built on the op representation (expert ids per slot, -1 = dropped): capacity
 limits for token choice, and expert-choice routing. No function here synchronises with the device.
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -27,13 +29,13 @@ def capacity_rank(expert_ids: Tensor, num_experts: int) -> Tensor:
 
 
 def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacity: int, overflow: str = "drop",
-                   score_func: str = "softmax") -> Tensor:
+                   score_func: str = "softmax", expert_bias: Optional[Tensor] = None) -> Tensor:
     """Expert ids [T, k] with the slots past each expert's capacity dropped (-1) or rerouted.
 
     overflow="drop": slots are admitted in priority order (capacity_rank); the rest become -1 and
     contribute zero (the kept slots keep their weights). overflow="reroute": slots are visited in
-    priority order; one whose expert is full moves to the token's next preferred expert (by logits)
-    that has room and that the token has not chosen, keeping the slot's weight; it is dropped only when
+    priority order; one whose expert is full moves to the token's next preferred expert (by the
+    selection key: logits, or score + expert_bias when a bias is given) that has room and that the token has not chosen, keeping the slot's weight; it is dropped only when
     no expert has room. Rerouting is a sequential greedy pass (the capacity_reroute op: a CPU loop, or
     one CUDA thread on the device, so no host synchronisation).
     """
@@ -42,7 +44,10 @@ def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacit
         return torch.where(keep & (expert_ids >= 0), expert_ids, torch.full_like(expert_ids, -1))
     if overflow != "reroute":
         raise ValueError(f"moe_ext.apply_capacity: overflow must be 'drop' or 'reroute', got {overflow!r}")
-    keys = torch.sigmoid(logits.detach().float()) if score_func == "sigmoid" else logits.detach().float()
+    keys = logits.detach().float()  # softmax and sigmoid both rank experts as the logits do
+    if expert_bias is not None:  # ... unless a selection bias shifts the scores
+        scores = torch.sigmoid(keys) if score_func == "sigmoid" else torch.softmax(keys, dim=-1)
+        keys = scores + expert_bias.float()
     return torch.ops.moe_ext.capacity_reroute(expert_ids, keys, capacity)
 
 

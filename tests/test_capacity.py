@@ -63,3 +63,13 @@ def test_reroute_cuda_matches_cpu(T, E, k, cap):
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(gpu.cpu(), cpu)
     torch.library.opcheck(ops.capacity_reroute.default, (ids.cuda(), keys.cuda(), cap))
+
+
+def test_reroute_follows_the_biased_selection_key():
+    # expert 0 takes two slots; the third token's slot overflows. By logits alone its next choice is 1,
+    # but the selection bias (DeepSeek-V3) makes expert 3 the preferred one, as topk_gating would rank it.
+    ids = torch.tensor([[0], [0], [0]], dtype=torch.int32)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 3)
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    assert moe_ext.apply_capacity(ids, logits, 4, 2, "reroute", "sigmoid").tolist() == [[0], [0], [1]]
+    assert moe_ext.apply_capacity(ids, logits, 4, 2, "reroute", "sigmoid", expert_bias=bias).tolist() == [[0], [0], [3]]

@@ -182,15 +182,25 @@ GatingParams check_topk_gating_backward(const at::Tensor& grad_weights,
   return make_gating_params(op, T, E, k, score_func, order, renormalize, 1, 1, routed_scaling, false);
 }
 
+namespace {
+
+// expert_ids [T, k], int32 or int64, with T = ref.size(0), on ref's device.
+void check_expert_ids(const char* op, const at::Tensor& ids, const char* ref_name, const at::Tensor& ref) {
+  check_dim(op, "expert_ids", ids, 2, "[T, k]");
+  check_index_dtype(op, "expert_ids", ids, true, true);
+  const std::string what = std::string(ref_name) + ".size(0) (T)";
+  check_size(op, "expert_ids", ids, 0, ref.size(0), what.c_str());
+  check_same_device(op, "expert_ids", ids, ref_name, ref);
+}
+
+}  // namespace
+
 int64_t check_permute(const at::Tensor& x, const at::Tensor& expert_ids, int64_t num_experts,
                       int64_t max_rows) {
   const char* op = "permute";
   check_dim(op, "x", x, 2, "[T, H]");
   check_float_dtype(op, "x", x);
-  check_dim(op, "expert_ids", expert_ids, 2, "[T, k]");
-  check_index_dtype(op, "expert_ids", expert_ids, true, true);
-  check_size(op, "expert_ids", expert_ids, 0, x.size(0), "x.size(0) (T)");
-  check_same_device(op, "expert_ids", expert_ids, "x", x);
+  check_expert_ids(op, expert_ids, "x", x);
   TORCH_CHECK(num_experts >= 1 && num_experts <= (int64_t(1) << 30), "moe_ext.", op,
               ": num_experts must be in [1, 2^30], got ", num_experts);
   TORCH_CHECK(max_rows >= -1, "moe_ext.", op, ": max_rows must be -1 (T * k) or >= 0, got ", max_rows);
@@ -289,10 +299,7 @@ void check_capacity_reroute(const at::Tensor& expert_ids, const at::Tensor& keys
   const char* op = "capacity_reroute";
   check_dim(op, "keys", keys, 2, "[T, E]");
   check_float_dtype(op, "keys", keys);
-  check_dim(op, "expert_ids", expert_ids, 2, "[T, k]");
-  check_index_dtype(op, "expert_ids", expert_ids, true, true);
-  check_size(op, "expert_ids", expert_ids, 0, keys.size(0), "keys.size(0) (T)");
-  check_same_device(op, "expert_ids", expert_ids, "keys", keys);
+  check_expert_ids(op, expert_ids, "keys", keys);
   TORCH_CHECK(capacity >= 0, "moe_ext.", op, ": capacity must be >= 0, got ", capacity);
   check_id_values(op, "expert_ids", expert_ids, -1, keys.size(1));
 }

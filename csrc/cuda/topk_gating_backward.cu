@@ -76,15 +76,18 @@ gate_backward_warp_kernel(GatingParams p, const In* __restrict__ logits, const i
     const int e = lane + 32 * i;
     d[i] = (grad_ss != nullptr && e < E) ? grad_ss[e] : 0.f;
   }
-  if (!topk_softmax) {
+  // Each chosen slot's gradient goes to its expert's lane: into d score (softmax/sigmoid of all E),
+  // or, for topk_softmax, into d logit after the score backward below.
+  auto add_chosen = [&](float* dst) {
     for (int j = 0; j < k; ++j) {
       const int id = __shfl_sync(kFullMask, my_id, j);
       const float cg = __shfl_sync(kFullMask, my_cg, j);
 #pragma unroll
       for (int i = 0; i < NPL; ++i)
-        if (lane + 32 * i == id) d[i] += cg;
+        if (lane + 32 * i == id) dst[i] += cg;
     }
-  }
+  };
+  if (!topk_softmax) add_chosen(d);
   float dot = 0.f;
   if (p.score == ScoreFunc::kSoftmax) {
     float s = 0.f;
@@ -99,15 +102,7 @@ gate_backward_warp_kernel(GatingParams p, const In* __restrict__ logits, const i
     const float prob = moe_exp(lg[i] - m) * inv_sum;
     d[i] = score_backward(p.score, sc[i], d[i], dot) + glse * prob;
   }
-  if (topk_softmax) {
-    for (int j = 0; j < k; ++j) {
-      const int id = __shfl_sync(kFullMask, my_id, j);
-      const float cg = __shfl_sync(kFullMask, my_cg, j);
-#pragma unroll
-      for (int i = 0; i < NPL; ++i)
-        if (lane + 32 * i == id) d[i] += cg;
-    }
-  }
+  if (topk_softmax) add_chosen(d);
 #pragma unroll
   for (int i = 0; i < NPL; ++i)
     if (lane + 32 * i < E) grad_logits[t * E + lane + 32 * i] = from_acc<In>(d[i]);
