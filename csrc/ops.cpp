@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include "common/build_config.h"
+#include "cpu/memory.h"
 
 TORCH_LIBRARY(moe_ext, m) {
   m.def(
@@ -30,6 +31,8 @@ TORCH_LIBRARY(moe_ext, m) {
       "grouped_gemm(Tensor a, Tensor b, Tensor expert_offsets, bool trans_b=False, "
       "Tensor? bias=None) -> Tensor");
   m.def("grouped_gemm_wgrad(Tensor x, Tensor y, Tensor expert_offsets) -> Tensor");
+  m.def("gated_activation(Tensor h, str activation=\"silu\") -> Tensor");
+  m.def("gated_activation_backward(Tensor grad, Tensor h, str activation=\"silu\") -> Tensor");
   m.def("capacity_reroute(Tensor expert_ids, Tensor keys, int capacity) -> Tensor");
 }
 
@@ -46,4 +49,14 @@ PYBIND11_MODULE(_C, m) {
     info["torch"] = std::string(MOE_EXT_TORCH_VERSION);
     return info;
   }, "How this build of moe_ext was compiled: CUDA on/off, archs, CUTLASS version, torch version.");
+  m.def("cpu_cache_stats", [] {
+    const auto s = moe_ext::cpu_cache_stats();
+    py::dict d;
+    d["cached_bytes"] = s.cached_bytes;
+    d["limit_bytes"] = s.limit_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  }, "The CPU large-block cache (csrc/cpu/memory.h): cached_bytes, limit_bytes, hits, misses.");
+  m.def("empty_cpu_cache", &moe_ext::empty_cpu_cache, "Free the CPU large-block cache's idle blocks.");
 }

@@ -24,3 +24,15 @@ def build_info() -> dict:
     info = _C.build_info()
     info["version"] = __version__
     return info
+
+
+def cpu_cache_stats() -> dict:
+    """The cache of large CPU output blocks (>= 32 MiB) that moe_ext's CPU ops reuse instead of
+    first-touch faulting fresh pages on every call: {"cached_bytes", "limit_bytes", "hits", "misses"}.
+    The limit is MOE_EXT_CPU_CACHE_MB (MiB, default 1024, 0 = off), read at the first large allocation."""
+    return _C.cpu_cache_stats()
+
+
+def empty_cpu_cache() -> None:
+    """Free the idle blocks of the CPU cache (blocks still in use return to it when freed)."""
+    _C.empty_cpu_cache()

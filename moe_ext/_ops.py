@@ -78,3 +78,20 @@ def _grouped_gemm_wgrad_fake(x, y, expert_offsets):
 def _capacity_reroute_fake(expert_ids, keys, capacity):
     _same_device("capacity_reroute", "expert_ids", expert_ids, "keys", keys)
     return torch.empty_like(expert_ids)
+
+
+@torch.library.register_fake("moe_ext::gated_activation")
+def _gated_activation_fake(h, activation="silu"):
+    torch._check(h.dim() == 2 and h.shape[1] % 2 == 0,
+                 lambda: f"moe_ext.gated_activation: h must be [M, 2F] (gate columns, then up columns), got "
+                         f"{tuple(h.shape)}")
+    return h.new_empty((h.shape[0], h.shape[1] // 2))
+
+
+@torch.library.register_fake("moe_ext::gated_activation_backward")
+def _gated_activation_backward_fake(grad, h, activation="silu"):
+    _same_device("gated_activation_backward", "grad", grad, "h", h)
+    torch._check(h.dim() == 2 and h.shape[1] % 2 == 0 and tuple(grad.shape) == (h.shape[0], h.shape[1] // 2),
+                 lambda: f"moe_ext.gated_activation_backward: h must be [M, 2F] and grad [M, F], got h "
+                         f"{tuple(h.shape)} and grad {tuple(grad.shape)}")
+    return h.new_empty(h.shape)

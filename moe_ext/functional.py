@@ -174,43 +174,22 @@ def _activation(name: str):
 
 
 class _GatedActivation(torch.autograd.Function):
-    """act(gate) * up over h = [gate | up] -> [.., F], whose backward writes d gate and d up straight
-    into one [.., 2F] gradient (autograd through chunk would allocate both halves and cat them)."""
+    """act(gate) * up over h = [gate | up] -> [.., F] in one pass (moe_ext.gated_activation); the
+    backward recomputes act(gate) from h and writes d gate and d up into one [.., 2F] gradient."""
 
     @staticmethod
     def forward(ctx, h, act_name):
-        gate, up = h.chunk(2, dim=-1)
-        act = _ACT_FORWARD[act_name](gate)
-        ctx.save_for_backward(h, act)
+        ctx.save_for_backward(h)
         ctx.act_name = act_name
-        return act * up
+        h2 = h.reshape(h.shape[:-1].numel(), h.shape[-1])
+        return _ops.gated_activation(h2, act_name).reshape(*h.shape[:-1], h.shape[-1] // 2)
 
     @staticmethod
     def backward(ctx, grad):
-        h, act = ctx.saved_tensors
-        gate, up = h.chunk(2, dim=-1)
-        g = grad * up
-        if torch.compiler.is_compiling():  # Dynamo takes no strided out=; inductor fuses the cat anyway
-            return torch.cat((_act_backward(ctx.act_name, g, gate), grad * act), dim=-1), None
-        grad_h = torch.empty_like(h)
-        d_gate, d_up = grad_h.chunk(2, dim=-1)
-        torch.mul(grad, act, out=d_up)
-        _act_backward(ctx.act_name, g, gate, out=d_gate)
-        return grad_h, None
-
-
-def _act_backward(name: str, grad: Tensor, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    if name == "silu":
-        if out is None:
-            return torch.ops.aten.silu_backward(grad, x)
-        return torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out)
-    if out is None:
-        return torch.ops.aten.gelu_backward(grad, x, approximate=_GELU_APPROX[name])
-    return torch.ops.aten.gelu_backward.grad_input(grad, x, approximate=_GELU_APPROX[name], grad_input=out)
-
-
-_ACT_FORWARD = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh}
-_GELU_APPROX = {"gelu": "none", "gelu_tanh": "tanh"}
+        (h,) = ctx.saved_tensors
+        h2 = h.reshape(h.shape[:-1].numel(), h.shape[-1])
+        grad_h = _ops.gated_activation_backward(grad.reshape(h2.shape[0], h2.shape[1] // 2), h2, ctx.act_name)
+        return grad_h.reshape(h.shape), None
 
 
 def apply_activation(h: Tensor, activation: str) -> Tensor:

@@ -35,7 +35,7 @@ def test_cli_writes_results_csv_and_plots(smoke_run):
         assert key in doc, key
     assert doc["device_type"] == "cpu" and doc["config"]["mode"] == "smoke"
     assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["dense_TFLOPs"] > 0
-    assert {r["suite"] for r in doc["rows"]} == {"gating", "permute", "unpermute", "grouped_gemm", "layer"}
+    assert {r["suite"] for r in doc["rows"]} == {"gating", "permute", "unpermute", "activation", "grouped_gemm", "layer"}
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(doc["rows"])
     for png in ("throughput.png", "speedup.png", "roofline.png"):
@@ -46,7 +46,7 @@ def test_rows_are_checked_and_timed(smoke_run):
     _, _, doc = smoke_run
     timed = [r for r in doc["rows"] if r["median_us"] is not None]
     moe = [r for r in timed if r["impl"] == "moe_ext"]
-    assert len(moe) == 6  # one per suite, plus the layer's fwd+bwd
+    assert len(moe) == 7  # one per suite, plus the layer's fwd+bwd
     for r in timed:
         if r["impl"] != "dense":  # the dense ceiling computes something else: not checked
             assert r["ok"] is True, r
@@ -61,7 +61,7 @@ def test_rows_are_checked_and_timed(smoke_run):
 
 def test_profile_breakdown_on_cpu(smoke_run):
     _, out, doc = smoke_run
-    assert len(doc["profile"]) == 6
+    assert len(doc["profile"]) == 7  # one per smoke case
     layer = [p for p in doc["profile"] if p["case"].startswith("layer/")][0]
     assert layer["top"] and all(e["us_per_call"] >= 0 for e in layer["top"])
     assert {"gating", "permute", "grouped_gemm_w1", "grouped_gemm_w2", "unpermute"} <= {s["name"] for s in layer["stages"]}

@@ -38,6 +38,9 @@ def samples():
     yield "grouped_gemm_wgrad", (xs, torch.randn(xs.shape[0], 40), off), {}
     yield "capacity_reroute", (ids, logits, 2), {}
     yield "capacity_reroute", (ids.long(), logits.double(), 0), {}
+    yield "gated_activation", (torch.randn(T, 2 * 36), "silu"), {}
+    yield "gated_activation", (torch.randn(T, 2 * 36).bfloat16(), "gelu_tanh"), {}
+    yield "gated_activation_backward", (torch.randn(T, 36), torch.randn(T, 72), "gelu"), {}
 
 
 @pytest.mark.parametrize("name,args,kwargs", list(samples()))

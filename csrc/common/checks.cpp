@@ -304,4 +304,31 @@ void check_capacity_reroute(const at::Tensor& expert_ids, const at::Tensor& keys
   check_id_values(op, "expert_ids", expert_ids, -1, keys.size(1));
 }
 
+Activation check_gated_activation(const char* op, const at::Tensor& h, c10::string_view activation,
+                                  const at::Tensor* grad) {
+  Activation a;
+  if (activation == "silu") {
+    a = Activation::kSilu;
+  } else if (activation == "gelu") {
+    a = Activation::kGelu;
+  } else if (activation == "gelu_tanh") {
+    a = Activation::kGeluTanh;
+  } else {
+    TORCH_CHECK(false, "moe_ext.", op, ": activation must be \"silu\", \"gelu\" or \"gelu_tanh\", got \"",
+                std::string(activation.data(), activation.size()), "\"");
+  }
+  check_dim(op, "h", h, 2, "[M, 2F] (gate columns, then up columns)");
+  check_float_dtype(op, "h", h);
+  TORCH_CHECK(h.size(1) % 2 == 0, "moe_ext.", op, ": h must be [M, 2F] (gate columns, then up columns), got shape ",
+              shape_str(h.sizes()), " whose last dim is odd");
+  if (grad != nullptr) {
+    check_dim(op, "grad", *grad, 2, "[M, F]");
+    check_size(op, "grad", *grad, 0, h.size(0), "h.size(0) (M)");
+    check_size(op, "grad", *grad, 1, h.size(1) / 2, "h.size(1) / 2 (F)");
+    check_same_dtype(op, "grad", *grad, "h", h);
+    check_same_device(op, "grad", *grad, "h", h);
+  }
+  return a;
+}
+
 }  // namespace moe_ext

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "activation.h"
 #include "routing.h"
 
 namespace moe_ext {
@@ -58,6 +59,10 @@ void check_grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
                         bool trans_b, const std::optional<at::Tensor>& bias);
 void check_grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& y,
                               const at::Tensor& expert_offsets);
+
+// gated_activation (grad undefined) and gated_activation_backward: h [M, 2F], grad [M, F].
+Activation check_gated_activation(const char* op, const at::Tensor& h, c10::string_view activation,
+                                  const at::Tensor* grad);
 
 void check_capacity_reroute(const at::Tensor& expert_ids, const at::Tensor& keys, int64_t capacity);
 

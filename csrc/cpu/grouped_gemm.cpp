@@ -3,11 +3,13 @@
 // are zero; experts with no rows get a zero weight gradient.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <functional>
 
 #include "../common/checks.h"
+#include "memory.h"
 
 namespace moe_ext {
 namespace {
@@ -21,7 +23,11 @@ constexpr int64_t kSmallExpertRows = 256;
 void for_each_expert(const int64_t* o, int64_t E, const std::function<void(int64_t)>& fn) {
   const int64_t rows = o[E] - o[0];
   if (E > 1 && rows < kSmallExpertRows * E) {
+    // The BLAS calls dispatch through ATen: worker threads need the caller's dispatch state (below
+    // autograd, inference mode, ...), which OpenMP threads do not inherit.
+    const at::ThreadLocalState state;
     at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+      const at::ThreadLocalStateGuard guard(state);
       for (int64_t e = e0; e < e1; ++e) fn(e);
     });
   } else {
@@ -34,7 +40,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
   check_grouped_gemm(a, b, expert_offsets, trans_b, bias);
   const int64_t M = a.size(0), E = b.size(0);
   const int64_t N = trans_b ? b.size(1) : b.size(2);
-  auto c = at::empty({M, N}, a.options());
+  auto c = empty_output({M, N}, a.options());
   const auto offs = expert_offsets.contiguous();
   const int64_t* o = offs.data_ptr<int64_t>();
   if (o[0] > 0) c.narrow(0, 0, o[0]).zero_();
@@ -56,7 +62,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
 at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& expert_offsets) {
   check_grouped_gemm_wgrad(x, y, expert_offsets);
   const int64_t E = expert_offsets.size(0) - 1;
-  auto out = at::empty({E, x.size(1), y.size(1)}, x.options());
+  auto out = empty_output({E, x.size(1), y.size(1)}, x.options());
   const auto offs = expert_offsets.contiguous();
   const int64_t* o = offs.data_ptr<int64_t>();
   for_each_expert(o, E, [&](int64_t e) {

@@ -13,6 +13,7 @@
 #include "../common/checks.h"
 #include "../common/dispatch.h"
 #include "../common/routing.h"
+#include "memory.h"
 
 namespace moe_ext {
 namespace {
@@ -44,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& x_i
     route_slots(ids.data_ptr<int64_t>(), T * k, num_experts, R, offsets.data_ptr<int64_t>(),
                 row_map.data_ptr<int64_t>());
   }
-  auto x_sorted = at::empty({R, H}, x.options());
+  auto x_sorted = empty_output({R, H}, x.options());
   const int64_t kept = offsets.data_ptr<int64_t>()[num_experts];
   const int64_t* rm = row_map.data_ptr<int64_t>();
   const size_t row_bytes = H * x.element_size();
@@ -66,7 +67,7 @@ at::Tensor unpermute_cpu(const at::Tensor& ys_in, const at::Tensor& row_map_in,
   const auto ys = ys_in.contiguous();
   const auto rm_t = row_map_in.contiguous();
   const int64_t T = rm_t.size(0), k = rm_t.size(1), H = ys.size(1);
-  auto y = at::empty({T, H}, ys.options());
+  auto y = empty_output({T, H}, ys.options());
   MOE_DISPATCH_FLOAT_TYPES(ys.scalar_type(), "unpermute", [&] {
     using acc = acc_t<scalar_t>;
     const at::Tensor w = weights_in ? weights_in->to(sizeof(acc) == 8 ? at::kDouble : at::kFloat).contiguous()
@@ -101,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   const auto ys = ys_in.contiguous();
   const auto rm_t = row_map_in.contiguous();
   const int64_t T = rm_t.size(0), k = rm_t.size(1), H = ys.size(1), R = ys.size(0);
-  auto grad_ys = at::zeros({R, H}, ys.options());
+  auto grad_ys = empty_output({R, H}, ys.options()).zero_();
   auto grad_w = weights_in ? at::empty({T, k}, weights_in->options()) : at::empty({0}, ys.options());
   MOE_DISPATCH_FLOAT_TYPES(ys.scalar_type(), "unpermute_backward", [&] {
     using acc = acc_t<scalar_t>;

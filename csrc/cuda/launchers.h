@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../common/activation.h"
 #include "../common/routing.h"
 
 namespace moe_ext::cuda {
@@ -60,6 +61,15 @@ cudaError_t launch_unpermute_backward(DType dt, const void* grad_y, const void* 
                                       const int64_t* row_map, const void* weights, void* grad_y_sorted,
                                       void* grad_weights_acc, void* workspace, int64_t T, int64_t k,
                                       int64_t H, int64_t R, cudaStream_t stream);
+
+// ---- gated_activation ----
+// h [M, 2F] (gate columns, then up columns), out [M, F], grad [M, F], grad_h [M, 2F], all contiguous
+// and of dtype `dt`; M * F > 0. Elementwise (common/activation.h), 16-byte accesses when F and the
+// pointers allow.
+cudaError_t launch_gated_activation(DType dt, Activation act, const void* h, void* out, int64_t M, int64_t F,
+                                    cudaStream_t stream);
+cudaError_t launch_gated_activation_backward(DType dt, Activation act, const void* grad, const void* h,
+                                             void* grad_h, int64_t M, int64_t F, cudaStream_t stream);
 
 // ---- capacity_reroute ----
 // ids [T, k] (int32 if ids_int32 else int64), rewritten in place; keys [T, E] fp32; load: E ints of

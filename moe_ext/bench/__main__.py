@@ -1,4 +1,4 @@
-"""python -m moe_ext.bench [--device cpu|cuda] [--suite gating,permute,unpermute,grouped_gemm,layer]
+"""python -m moe_ext.bench [--device cpu|cuda] [--suite gating,permute,unpermute,activation,grouped_gemm,layer]
                           [--quick] [--out DIR] [--nsys] [--profile] [--filter TEXT]
 
 Times moe_ext's ops and layer against baselines measured in the same run (plain PyTorch, the textbook

@@ -27,7 +27,7 @@ MODELS = {
 FULL_NAMES = {"mixtral": "Mixtral-8x7B", "qwen3": "Qwen3-30B-A3B", "dsv3": "DeepSeek-V3",
               "seed": "seed 8x top-2", "tiny": "tiny", "tiny_ds": "tiny (DSv3 gating)"}
 CPU_SCALE = {"mixtral": 8, "qwen3": 8, "dsv3": 16}  # the CPU divides H and F of the real models by this
-SUITES = ("gating", "permute", "unpermute", "grouped_gemm", "layer")
+SUITES = ("gating", "permute", "unpermute", "activation", "grouped_gemm", "layer")
 
 
 @dataclass
@@ -82,6 +82,8 @@ def plan(device: str, mode: str, suites) -> list:
                        ("dsv3", large, "zipf")],
             "permute": [("qwen3", small, "uniform"), ("qwen3", large, "uniform"), ("dsv3", large, "zipf")],
             "unpermute": [("qwen3", small, "uniform"), ("qwen3", large, "uniform"), ("dsv3", large, "zipf")],
+            "activation": [("qwen3", large, "uniform"), ("mixtral", large, "uniform"),
+                           ("mixtral", train, "uniform", "fwd+bwd")],
             "grouped_gemm": [("qwen3", small, "uniform", "w1"), ("qwen3", large, "uniform", "w1"),
                              ("qwen3", large, "zipf", "w1"), ("mixtral", large, "uniform", "w2")],
             "layer": [("mixtral", small, "uniform"), ("mixtral", large, "uniform"), ("qwen3", small, "uniform"),
@@ -93,7 +95,8 @@ def plan(device: str, mode: str, suites) -> list:
     tokens = [1, 16, 128, 1024] if cpu else [1, 4, 16, 64, 256, 1024, 4096, 16384]
     for s in suites:
         models = ["mixtral", "qwen3", "dsv3"] + (["seed"] if s == "layer" else [])
-        passes = {"grouped_gemm": ["w1", "w2"], "layer": ["fwd", "fwd+bwd"]}.get(s, ["fwd"])
+        passes = {"grouped_gemm": ["w1", "w2"], "layer": ["fwd", "fwd+bwd"],
+                  "activation": ["fwd", "fwd+bwd"]}.get(s, ["fwd"])
         for m in models:
             for p in passes:
                 for T in tokens:

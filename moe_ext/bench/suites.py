@@ -181,6 +181,50 @@ def build_unpermute(case: Case, device: str, ranges: Ranges = NO_RANGES) -> Buil
     return b
 
 
+def build_activation(case: Case, device: str, ranges: Ranges = NO_RANGES) -> Built:
+    """The gated activation between the two GEMMs on the S = T * k permuted rows: act(gate) * up over
+    [S, 2F] (and its backward for fwd+bwd), moe_ext's one-pass kernel against torch's composition."""
+    s, gen = case.shape, _gen(case)
+    act = s["act"] if MF.ACTIVATIONS[s["act"]][1] else "silu"
+    S, Fd, dt = case.T * s["k"], s["F"], dtype_for(device)
+    bwd = case.pass_ == "fwd+bwd"
+    h0 = torch.randn(S, 2 * Fd, generator=gen).to(dt)
+    n = sets_for(device, _nbytes(h0))
+    Hs = [h0.to(device)] + [torch.randn(S, 2 * Fd, device=device).to(dt) for _ in range(n - 1)]
+    Hs = [h.requires_grad_(bwd) for h in Hs]
+    gy = torch.randn(S, Fd, generator=gen).to(dt).to(device) if bwd else None
+    b = Built(n_sets=n, graphable={"moe_ext", "torch"})
+
+    def run(fn):
+        def call(i):
+            y = fn(Hs[i])
+            return (y,) + (torch.autograd.grad(y, Hs[i], gy) if bwd else ())
+        return call
+
+    def moe(h):
+        with ranges("activation"):
+            return MF.apply_activation(h, act)
+
+    b.impls = {"moe_ext": run(moe), "torch": run(lambda h: B._act(h, act))}
+    hr = h0.double().requires_grad_(bwd)
+    yr = B._act(hr, act)
+    ref = (yr.detach(),) + ((torch.autograd.grad(yr, hr, gy.cpu().double())[0],) if bwd else ())
+
+    def check(fn):
+        def run_check():
+            poison(device, S * Fd * h0.element_size())
+            out = fn(0)
+            errs = [rel_err(o, r) for o, r in zip(out, ref)]
+            return all(e <= tolerance(dt, grad=j > 0) for j, e in enumerate(errs)), max(errs), act
+        return run_check
+
+    b.checks = {nm: check(fn) for nm, fn in b.impls.items()}
+    esz = h0.element_size()
+    b.bytes = S * 3 * Fd * esz + (S * 5 * Fd * esz if bwd else 0)  # read h, write out (+ read grad, h; write grad_h)
+    b.profile_fn = b.impls["moe_ext"]
+    return b
+
+
 # --- grouped GEMM -------------------------------------------------------------------------------
 
 def build_grouped_gemm(case: Case, device: str, ranges: Ranges = NO_RANGES) -> Built:
@@ -389,4 +433,4 @@ def build_layer(case: Case, device: str, ranges: Ranges = NO_RANGES) -> Built:
 
 
 BUILDERS = {"gating": build_gating, "permute": build_permute, "unpermute": build_unpermute,
-            "grouped_gemm": build_grouped_gemm, "layer": build_layer}
+            "activation": build_activation, "grouped_gemm": build_grouped_gemm, "layer": build_layer}
