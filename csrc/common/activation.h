@@ -20,12 +20,14 @@ enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
 
 // exp for the activation kernels. On the host it is branch-free (selects, integer ops, one
 // polynomial) so that the CPU row loops vectorise; a few ulp off std::exp, which an activation does
-// not notice. NaN stays NaN; arguments beyond +-87 saturate (exp(-88) is treated as 1.2e-38, not as
-// a subnormal), which moves silu/gelu only where their value is below 1e-36. The device uses expf.
+// not notice. NaN stays NaN, exp(x > 88.72) is inf as in libm, and results below 2^-126 flush to 0
+// (libm returns subnormals there), which moves silu/gelu only where their value is below 1e-36. The
+// device uses expf.
 MOE_HD float act_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
+  const float x0 = x;
   x = x > 88.37626f ? 88.37626f : x;  // NaN compares false and passes through both clamps
   x = x < -87.33654f ? -87.33654f : x;
   // Adding 1.5 * 2^23 rounds x / ln2 to the nearest integer n and leaves n in the low mantissa bits.
@@ -45,7 +47,8 @@ MOE_HD float act_exp(float x) {
   const uint32_t bits = (m_bits + (127u - 0x4B400000u)) << 23;  // 2^n, n in [-126, 127]
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  const float e = y * scale;
+  return x0 > 88.7228f ? INFINITY : (x0 < -87.33654f ? 0.0f : e);  // overflow to inf, flush below 2^-126
 #endif
 }
 MOE_HD double act_exp(double x) { return exp(x); }
