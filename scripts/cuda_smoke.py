@@ -62,6 +62,13 @@ def main() -> int:
             a = torch.randn(2 * rows + 3, H).to(dt)
             res = [MF.grouped_gemm(a.to(d), w1.to(d), off.to(d), trans_b=True) for d in ("cpu", "cuda")]
             same(f"grouped_gemm rows={rows} {dt}", res[1], res[0], tol)
+        h = torch.randn(T, 2 * 37).to(dt)  # odd F: the unvectorised activation kernels
+        gr = torch.randn(T, 37).to(dt)
+        for act in ("gelu", "gelu_tanh"):
+            res = [(torch.ops.moe_ext.gated_activation(h.to(d), act),
+                    torch.ops.moe_ext.gated_activation_backward(gr.to(d), h.to(d), act)) for d in ("cpu", "cuda")]
+            same(f"gated_activation {act} F=37 {dt}", res[1][0], res[0][0], tol)
+            same(f"gated_activation_backward {act} F=37 {dt}", res[1][1], res[0][1], 3 * tol)
     torch.cuda.synchronize()
     print(f"cuda_smoke: build {moe_ext.build_info()}")
     print("cuda_smoke: " + ("all ok" if not bad else f"{len(bad)} MISMATCHES: {bad}"))

@@ -107,7 +107,7 @@ step tests_cuda 150 $(( BENCH_RESERVE + FINAL_RESERVE )) $PY -m pytest -m cuda t
 sanitize() {  # sanitize TOOL: the smoke script plus the small CUDA tests that exist
     local tool=$1 sel=() rc=0 extra=()
     [ "$tool" = racecheck ] && extra=(--racecheck-report hazard)
-    for f in tests/test_cuda_routing.py tests/test_cuda_grouped_gemm.py; do
+    for f in tests/test_cuda_routing.py tests/test_cuda_grouped_gemm.py tests/test_cuda_activation.py; do
         if [ -f "$f" ]; then sel+=("$f"); else echo "NOTE: $f does not exist (yet): not in the $tool selection"; fi
     done
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 1 \
@@ -121,7 +121,7 @@ sanitize() {  # sanitize TOOL: the smoke script plus the small CUDA tests that e
     return $rc
 }
 # Small, edge-case tests of every CUDA op (the sanitizer slows kernels by 10-100x).
-SANITIZE_K=${SANITIZE_K:-"empty or edge or ties or no_rows or unreferenced"}
+SANITIZE_K=${SANITIZE_K:-"empty or edge or ties or no_rows or unreferenced or (misaligned and silu)"}
 export -f sanitize
 export PY SANITIZE_K
 if command -v compute-sanitizer >/dev/null; then
