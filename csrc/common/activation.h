@@ -12,6 +12,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "exp_core.h"
 #include "macros.h"
 
 namespace moe_ext {
@@ -33,15 +34,7 @@ MOE_HD float act_exp(float x) {
   // Adding 1.5 * 2^23 rounds x / ln2 to the nearest integer n and leaves n in the low mantissa bits.
   const float m = x * 1.44269504088896341f + 12582912.0f;
   const float nf = m - 12582912.0f;
-  float r = x - nf * 0.693359375f;  // ln2 in two parts: nf * hi is exact for |n| <= 128
-  r = r - nf * -2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  const float y = q * (r * r) + r + 1.0f;
+  const float y = exp_of_reduced(x, nf);
   uint32_t m_bits;
   std::memcpy(&m_bits, &m, sizeof(m_bits));
   const uint32_t bits = (m_bits + (127u - 0x4B400000u)) << 23;  // 2^n, n in [-126, 127]

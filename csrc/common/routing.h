@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "exp_core.h"
 #include "macros.h"
 
 namespace moe_ext {
@@ -74,16 +75,7 @@ MOE_HD float moe_exp(float x) {
   if (x > 88.72283935546875f) return INFINITY;
   if (x < -103.972084045410156f) return 0.0f;
   const float n = floorf(x * 1.44269504088896341f + 0.5f);
-  // ln2 split so that n * kLn2Hi is exact for |n| <= 151
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  const float y = q * (r * r) + r + 1.0f;
+  const float y = exp_of_reduced(x, n);
   // two exact power-of-two steps keep 2^n representable; only the last product can round (subnormals)
   const int ni = static_cast<int>(n);
   const int n1 = ni / 2;
