@@ -25,3 +25,16 @@ def noncontig(t: torch.Tensor) -> torch.Tensor:
     out = wide[..., ::2]
     assert not out.is_contiguous()
     return out
+
+
+def has_fake_kernel(op, args, kwargs):
+    """Whether moe_ext/_ops.py registered a fake (meta) kernel that handles these arguments."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils import _pytree as pytree
+
+    try:
+        with FakeTensorMode() as mode:
+            op(*pytree.tree_map_only(torch.Tensor, mode.from_tensor, args), **kwargs)
+        return True
+    except Exception:
+        return False

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
+from conftest import has_fake_kernel
 
 pytestmark = [
     pytest.mark.cuda,
@@ -423,19 +424,6 @@ def test_deterministic():
     assert torch.equal(g1, g2)
 
 
-def _has_fake_kernel(op, args, kwargs):
-    """Whether moe_ext/_ops.py registered a fake (meta) kernel that handles these arguments."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils import _pytree as pytree
-
-    try:
-        with FakeTensorMode() as mode:
-            op(*pytree.tree_map_only(torch.Tensor, mode.from_tensor, args), **kwargs)
-        return True
-    except Exception:
-        return False
-
-
 def test_opcheck():
     # Autograd lives in moe_ext/functional.py (autograd.Function), not on the ops, so
     # test_autograd_registration does not apply; the fake-tensor checks run where a fake kernel exists.
@@ -457,6 +445,6 @@ def test_opcheck():
     ]
     for op, args, kwargs in cases:
         utils = ["test_schema"]
-        if _has_fake_kernel(op, args, kwargs):
+        if has_fake_kernel(op, args, kwargs):
             utils += ["test_faketensor", "test_aot_dispatch_dynamic"]
         torch.library.opcheck(op, args, kwargs, test_utils=utils)
