@@ -37,7 +37,7 @@ def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacit
     priority order; one whose expert is full moves to the token's next preferred expert (by the
     selection key: logits, or score + expert_bias when a bias is given) that has room and that the token has not chosen, keeping the slot's weight; it is dropped only when
     no expert has room. Rerouting is a sequential greedy pass (the capacity_reroute op: a CPU loop, or
-    one CUDA thread on the device, so no host synchronisation).
+    one CUDA warp on the device, so no host synchronisation).
     """
     if overflow == "drop":
         keep = capacity_rank(expert_ids, num_experts) < capacity

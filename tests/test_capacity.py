@@ -51,17 +51,24 @@ def test_capacity_rank_is_priority_order():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("T,E,k,cap", [(37, 7, 3, 10), (1000, 64, 8, 100), (300, 160, 6, 9), (0, 8, 2, 1)])
-def test_reroute_cuda_matches_cpu(T, E, k, cap):
+@pytest.mark.parametrize("T,E,k,cap", [(37, 7, 3, 10), (1000, 64, 8, 100), (300, 160, 6, 9), (0, 8, 2, 1),
+                                       (33, 5, 5, 4), (70, 13000, 2, 1)])  # k = E; E past shared memory
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_reroute_cuda_matches_cpu(T, E, k, cap, dtype):
     keys = torch.randn(T, E)
-    ids = (keys.topk(k, dim=-1).indices if T else torch.empty(0, k, dtype=torch.long)).to(torch.int32)
+    keys[: T // 3] = torch.round(keys[: T // 3])  # ties: the lower expert id wins on both sides
+    if T:
+        keys[T // 2, : E // 2] = float("nan")  # NaN keys rank last
+    ids = (keys.topk(k, dim=-1).indices if T else torch.empty(0, k, dtype=torch.long)).to(dtype)
+    if T:
+        ids[torch.rand(T, k) < 0.1] = -1  # dropped slots stay dropped
     cpu = ops.capacity_reroute(ids, keys, cap)
     torch.cuda.set_sync_debug_mode("error")
     try:
         gpu = ops.capacity_reroute(ids.cuda(), keys.cuda(), cap)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert torch.equal(gpu.cpu(), cpu)
+    assert gpu.dtype == dtype and torch.equal(gpu.cpu(), cpu)
     torch.library.opcheck(ops.capacity_reroute.default, (ids.cuda(), keys.cuda(), cap))
 
 

@@ -345,7 +345,8 @@ MOE_HD bool valid_expert(int64_t e, int64_t num_experts) { return e >= 0 && e < 
 // (every token's first choice, then every second choice, ...; lower token first). A slot whose expert
 // still has room keeps it; otherwise it moves to the best-ranked expert (by keys[t, :], ranks_before)
 // that has room and that the token does not hold, or is dropped (-1) when none has room. Inherently
-// sequential: the CPU loop and a single CUDA thread run exactly this function. load: E zeroed ints.
+// sequential: the CPU kernel runs this function; the CUDA kernel (cuda/capacity.cu) makes the same
+// decisions in the same order with one warp, the search over E split across its lanes. load: E zeroed ints.
 template <typename index_t, typename key_t>
 MOE_HD void reroute_capacity(index_t* ids, const key_t* keys, int64_t T, int64_t k, int64_t E,
                              int64_t capacity, int* load) {

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <climits>
+
 #include "../common/checks.h"
 #include "glue_utils.h"
 #include "launchers.h"
@@ -18,6 +20,9 @@ at::Tensor capacity_reroute_cuda(const at::Tensor& expert_ids, const at::Tensor&
   auto ids = expert_ids.contiguous().clone();
   const auto keys = keys_in.to(at::kFloat).contiguous();
   const int64_t T = ids.size(0), k = ids.size(1), E = keys.size(1);
+  // Expert ids and per-expert loads are int inside the kernel.
+  TORCH_CHECK(E < INT_MAX && T * k < INT_MAX, "moe_ext.capacity_reroute: E = ", E, " and T * k = ", T * k,
+              " must stay below 2^31 on CUDA");
   if (T == 0 || k == 0) return ids;
   auto load = at::empty({E}, keys.options().dtype(at::kInt));
   C10_CUDA_CHECK(cuda::launch_capacity_reroute(ids.data_ptr(), ids.scalar_type() == at::kInt, keys.data_ptr<float>(),

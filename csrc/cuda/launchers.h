@@ -73,7 +73,8 @@ cudaError_t launch_gated_activation_backward(DType dt, Activation act, const voi
 
 // ---- capacity_reroute ----
 // ids [T, k] (int32 if ids_int32 else int64), rewritten in place; keys [T, E] fp32; load: E ints of
-// scratch (zeroed here). One thread runs the sequential greedy pass (common/routing.h).
+// scratch (zeroed by the kernel; used only when E is too large for shared memory). One warp makes the
+// sequential greedy pass of common/routing.h reroute_capacity, slot by slot in the same order.
 cudaError_t launch_capacity_reroute(void* ids, bool ids_int32, const float* keys, int64_t T, int64_t k, int64_t E,
                                     int64_t capacity, int* load, cudaStream_t stream);
 
