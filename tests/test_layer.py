@@ -207,3 +207,31 @@ def test_build_info():
     assert info["cutlass"] is None or isinstance(info["cutlass"], str)
     if info["cuda"]:
         assert info["cuda_archs"], info
+
+
+def test_cpu_results_do_not_depend_on_thread_count():
+    """Every CPU kernel splits work with at::parallel_for (OpenMP); fixed summation orders make the
+    forward and all gradients bitwise the same on 1 thread and on several."""
+    import moe_ext.functional as MF
+    T, E, k, H, F_ = 600, 16, 3, 40, 24
+    x = torch.randn(T, H, requires_grad=True)
+    lg = torch.randn(T, E, requires_grad=True)
+    w1 = torch.randn(E, 2 * F_, H, requires_grad=True)
+    w2 = torch.randn(E, H, F_, requires_grad=True)
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        for t in (x, lg, w1, w2):
+            t.grad = None
+        y = MF.fused_moe(x, w1, w2, lg, k, activation="gelu_tanh")
+        g = MF.topk_gating(lg, k, score_func="sigmoid", num_groups=4, topk_groups=2)
+        (y.square().sum() + g.score_sum.sum() + g.weights.sum()).backward()
+        return [y.detach(), *(t.grad for t in (x, lg, w1, w2)), *g]
+
+    before = torch.get_num_threads()
+    try:
+        one, many = run(1), run(max(2, before))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
