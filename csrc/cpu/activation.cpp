@@ -41,21 +41,41 @@ MOE_ALWAYS_INLINE void backward_span(const T* __restrict grad, const T* __restri
 }
 
 // The fp32 loops are what every dtype but fp64 runs; compiled for AVX-512, AVX2 and baseline x86-64,
-// the best one picked when the library loads (16- and 8-wide vectors are 3-4x the 4-wide baseline).
-MOE_CPU_CLONES void forward_f32(Activation a, const float* g, const float* u, float* out, int64_t n) {
+// the best one picked when the library loads (the 16-wide loop is several times the 4-wide one). They
+// take a block of rows so that the dispatch is paid once per block, not once per (short) row:
+// row r's gate at g + r * ld_in, up at u + r * ld_in, output at out + r * ld_out.
+template <Activation A>
+MOE_ALWAYS_INLINE void forward_block(const float* g, const float* u, float* out, int64_t rows, int64_t n,
+                                     int64_t ld_in, int64_t ld_out) {
+  for (int64_t r = 0; r < rows; ++r) forward_span<A>(g + r * ld_in, u + r * ld_in, out + r * ld_out, n);
+}
+
+template <Activation A>
+MOE_ALWAYS_INLINE void backward_block(const float* grad, const float* g, const float* u, float* dg, float* du,
+                                      int64_t rows, int64_t n, int64_t ld_grad, int64_t ld_in) {
+  for (int64_t r = 0; r < rows; ++r)
+    backward_span<A>(grad + r * ld_grad, g + r * ld_in, u + r * ld_in, dg + r * ld_in, du + r * ld_in, n);
+}
+
+// (A switch, not dispatch_activation: a lambda's body would be compiled for the baseline target only.)
+MOE_CPU_CLONES void forward_f32(Activation a, const float* g, const float* u, float* out, int64_t rows, int64_t n,
+                                int64_t ld_in, int64_t ld_out) {
   switch (a) {
-    case Activation::kGelu: return forward_span<Activation::kGelu>(g, u, out, n);
-    case Activation::kGeluTanh: return forward_span<Activation::kGeluTanh>(g, u, out, n);
-    default: return forward_span<Activation::kSilu>(g, u, out, n);
+    case Activation::kGelu: return forward_block<Activation::kGelu>(g, u, out, rows, n, ld_in, ld_out);
+    case Activation::kGeluTanh: return forward_block<Activation::kGeluTanh>(g, u, out, rows, n, ld_in, ld_out);
+    default: return forward_block<Activation::kSilu>(g, u, out, rows, n, ld_in, ld_out);
   }
 }
 
+// grad row r at grad + r * ld_grad; d gate and d up rows at dg / du + r * ld_in.
 MOE_CPU_CLONES void backward_f32(Activation a, const float* grad, const float* g, const float* u, float* dg,
-                                 float* du, int64_t n) {
+                                 float* du, int64_t rows, int64_t n, int64_t ld_grad, int64_t ld_in) {
   switch (a) {
-    case Activation::kGelu: return backward_span<Activation::kGelu>(grad, g, u, dg, du, n);
-    case Activation::kGeluTanh: return backward_span<Activation::kGeluTanh>(grad, g, u, dg, du, n);
-    default: return backward_span<Activation::kSilu>(grad, g, u, dg, du, n);
+    case Activation::kGelu:
+      return backward_block<Activation::kGelu>(grad, g, u, dg, du, rows, n, ld_grad, ld_in);
+    case Activation::kGeluTanh:
+      return backward_block<Activation::kGeluTanh>(grad, g, u, dg, du, rows, n, ld_grad, ld_in);
+    default: return backward_block<Activation::kSilu>(grad, g, u, dg, du, rows, n, ld_grad, ld_in);
   }
 }
 
@@ -69,41 +89,55 @@ void from_acc(const float* src, T* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// One row: gate g[0..F), up u[0..F) -> out[0..F).
+// `rows` rows of h = [gate | up] (2F columns) -> out (F columns).
 template <typename T>
-void forward_row(Activation a, const T* g, const T* u, T* out, int64_t F) {
+void forward_rows(Activation a, const T* h, T* out, int64_t rows, int64_t F) {
   if constexpr (std::is_same_v<T, double>) {
-    dispatch_activation(a, [&](auto A) { forward_span<decltype(A)::value>(g, u, out, F); });
+    dispatch_activation(a, [&](auto A) {
+      for (int64_t r = 0; r < rows; ++r) forward_span<decltype(A)::value>(h + r * 2 * F, h + r * 2 * F + F, out + r * F, F);
+    });
   } else if constexpr (std::is_same_v<T, float>) {
-    forward_f32(a, g, u, out, F);
+    forward_f32(a, h, h + F, out, rows, F, 2 * F, F);
   } else {
     float gf[kChunk], uf[kChunk], of[kChunk];
-    for (int64_t i = 0; i < F; i += kChunk) {
-      const int64_t n = std::min(kChunk, F - i);
-      to_acc(g + i, gf, n);
-      to_acc(u + i, uf, n);
-      forward_f32(a, gf, uf, of, n);
-      from_acc(of, out + i, n);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* g = h + r * 2 * F;
+      for (int64_t i = 0; i < F; i += kChunk) {
+        const int64_t n = std::min(kChunk, F - i);
+        to_acc(g + i, gf, n);
+        to_acc(g + F + i, uf, n);
+        forward_f32(a, gf, uf, of, 1, n, 0, 0);
+        from_acc(of, out + r * F + i, n);
+      }
     }
   }
 }
 
+// `rows` rows of grad (F columns) and h -> grad_h (2F columns).
 template <typename T>
-void backward_row(Activation a, const T* grad, const T* g, const T* u, T* dg, T* du, int64_t F) {
+void backward_rows(Activation a, const T* grad, const T* h, T* grad_h, int64_t rows, int64_t F) {
   if constexpr (std::is_same_v<T, double>) {
-    dispatch_activation(a, [&](auto A) { backward_span<decltype(A)::value>(grad, g, u, dg, du, F); });
+    dispatch_activation(a, [&](auto A) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = r * 2 * F;
+        backward_span<decltype(A)::value>(grad + r * F, h + o, h + o + F, grad_h + o, grad_h + o + F, F);
+      }
+    });
   } else if constexpr (std::is_same_v<T, float>) {
-    backward_f32(a, grad, g, u, dg, du, F);
+    backward_f32(a, grad, h, h + F, grad_h, grad_h + F, rows, F, F, 2 * F);
   } else {
     float gr[kChunk], gf[kChunk], uf[kChunk], dgf[kChunk], duf[kChunk];
-    for (int64_t i = 0; i < F; i += kChunk) {
-      const int64_t n = std::min(kChunk, F - i);
-      to_acc(grad + i, gr, n);
-      to_acc(g + i, gf, n);
-      to_acc(u + i, uf, n);
-      backward_f32(a, gr, gf, uf, dgf, duf, n);
-      from_acc(dgf, dg + i, n);
-      from_acc(duf, du + i, n);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * 2 * F;
+      for (int64_t i = 0; i < F; i += kChunk) {
+        const int64_t n = std::min(kChunk, F - i);
+        to_acc(grad + r * F + i, gr, n);
+        to_acc(h + o + i, gf, n);
+        to_acc(h + o + F + i, uf, n);
+        backward_f32(a, gr, gf, uf, dgf, duf, 1, n, 0, 0);
+        from_acc(dgf, grad_h + o + i, n);
+        from_acc(duf, grad_h + o + F + i, n);
+      }
     }
   }
 }
@@ -121,7 +155,7 @@ at::Tensor gated_activation_cpu(const at::Tensor& h_in, c10::string_view activat
     const scalar_t* hp = h.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, M, row_grain(F), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) forward_row(act, hp + r * 2 * F, hp + r * 2 * F + F, op + r * F, F);
+      forward_rows(act, hp + r0 * 2 * F, op + r0 * F, r1 - r0, F);
     });
   });
   return out;
@@ -140,9 +174,7 @@ at::Tensor gated_activation_backward_cpu(const at::Tensor& grad_in, const at::Te
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* dp = grad_h.data_ptr<scalar_t>();
     at::parallel_for(0, M, row_grain(F), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        backward_row(act, gp + r * F, hp + r * 2 * F, hp + r * 2 * F + F, dp + r * 2 * F, dp + r * 2 * F + F, F);
-      }
+      backward_rows(act, gp + r0 * F, hp + r0 * 2 * F, dp + r0 * 2 * F, r1 - r0, F);
     });
   });
   return grad_h;
