@@ -7,10 +7,8 @@
 #include <c10/util/accumulate.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
-#include <string>
 
 namespace moe_ext {
 namespace {
@@ -25,8 +23,8 @@ size_t limit_from_env() {
   if (v == nullptr || *v == '\0') return size_t(1024) << 20;
   char* end = nullptr;
   const long long mb = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && mb >= 0, "moe_ext: MOE_EXT_CPU_CACHE_MB must be a whole number of MiB >= 0, got \"",
-              v, "\"");
+  TORCH_CHECK(end != v && *end == '\0' && mb >= 0,
+              "moe_ext: MOE_EXT_CPU_CACHE_MB must be a whole number of MiB >= 0, got \"", v, "\"");
   return static_cast<size_t>(mb) << 20;
 }
 
