@@ -8,96 +8,22 @@ inputs are computed in fp32 and rounded once.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
+from activation_ref import (ACTS, REF_ACT, assert_close_ref, bwd_scale, fwd_scale, half_ulp, make_grad, make_h,
+                            ref_backward, ref_forward)
 from conftest import FLOAT_DTYPES, TOL, noncontig
 from moe_ext.functional import apply_activation
 
 ops = torch.ops.moe_ext
-ACTS = ["silu", "gelu", "gelu_tanh"]
-REF_ACT = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
-# Against the float64 reference: fp32 is limited by the polynomial exp / A-S erf, fp64 by libm, 16-bit by
-# one rounding of an fp32 value (conftest's TOL).
+# Against the float64 reference at single points: fp32 is limited by the polynomial exp / A-S erf, fp64 by
+# libm, 16-bit by one rounding of an fp32 value (conftest's TOL).
 REF_TOL = {
     torch.float64: dict(atol=1e-12, rtol=1e-10),
     torch.float32: dict(atol=1e-6, rtol=1e-5),
     torch.float16: TOL[torch.float16],
     torch.bfloat16: TOL[torch.bfloat16],
 }
-MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
-MIN_NORMAL_EXP = {torch.float16: -14, torch.bfloat16: -126}
-
-
-# ------------------------------------------------------------------------------------------ reference
-def ref_forward(h, act):
-    """act(gate) * up in float64, returned as float64."""
-    g, u = h.double().chunk(2, -1)
-    return REF_ACT[act](g) * u
-
-
-def ref_backward(grad, h, act):
-    """d(act(gate) * up)/dh . grad through torch.autograd in float64: [M, 2F] float64."""
-    h64 = h.double().detach().requires_grad_()
-    g, u = h64.chunk(2, -1)
-    (gh,) = torch.autograd.grad(REF_ACT[act](g) * u, h64, grad.double())
-    return gh
-
-
-def make_h(M, F_, dtype, seed=0, scale=3.0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(M, 2 * F_, generator=gen, dtype=torch.float64) * scale).to(dtype)
-
-
-def make_grad(M, F_, dtype, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(M, F_, generator=gen, dtype=torch.float64).to(dtype)
-
-
-def fwd_scale(h):
-    """|gate * up| per output element: the fp32 maths' absolute error (A-S erf: 1.5e-7, the tanh through
-    1 - 2 / (1 + exp(2u)): an ulp of 1) is that much times |gate * up| / 2."""
-    g, u = h.double().chunk(2, -1)
-    return (g * u).abs()
-
-
-def bwd_scale(grad, h):
-    """The same for [d_gate | d_up]: |grad * up| (1 + |gate|) and |grad * gate|."""
-    g, u = h.double().chunk(2, -1)
-    gr = grad.double()
-    return torch.cat([(gr * u).abs() * (1 + g.abs()), (gr * g).abs()], -1)
-
-
-def assert_close_ref(out, ref, dtype, scale=None, equal_nan=False):
-    """out (dtype) against the float64 reference. fp32: |out - ref| <= 1e-5 |ref| + 1e-6 (1 + scale), the
-    bound of the polynomial exp / erf (scale = fwd_scale or bwd_scale; about 1e-6 absolute for O(1) values)."""
-    assert out.dtype == dtype
-    assert out.shape == ref.shape
-    if dtype != torch.float32:
-        torch.testing.assert_close(out.double(), ref, **REF_TOL[dtype], equal_nan=equal_nan)
-        return
-    o = out.double()
-    if equal_nan:
-        assert torch.equal(o.isnan(), ref.isnan())
-    keep = ~(o.isnan() | ref.isnan()) if equal_nan else torch.ones_like(o, dtype=torch.bool)
-    assert not o[keep].isnan().any()
-    s = torch.zeros_like(ref) if scale is None else scale
-    err = (o - ref).abs()[keep]
-    allowed = (1e-5 * ref.abs() + 1e-6 * (1 + s))[keep]
-    bad = err > allowed
-    assert not bad.any(), (f"{int(bad.sum())} of {err.numel()} elements off: worst error {err.max().item():.3g}, "
-                           f"worst error / allowed {(err / allowed).max().item():.3g}")
-
-
-def half_ulp(ref, dtype):
-    """Half the spacing of `dtype` at each value of ref (float64): the error of one rounding."""
-    _, e = torch.frexp(ref)
-    e = torch.clamp(e.to(torch.float64) - 1, min=MIN_NORMAL_EXP[dtype])
-    return 0.5 * torch.pow(2.0, e - MANTISSA_BITS[dtype])
 
 
 SHAPES = [(7, 36), (5, 1), (1, 8), (33, 300), (4, 257)]  # F = 300 / 257: more than one 256-column chunk

@@ -10,9 +10,10 @@ torch.compile and opcheck. Runs only where a CUDA GPU is visible.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
+from activation_ref import (ACTS, assert_close_ref, bwd_scale, fp32_bound, fwd_scale, half_ulp, make_grad,
+                            make_h, ref_backward, ref_forward)
 from conftest import TOL, has_fake_kernel, noncontig
 from moe_ext.functional import apply_activation
 
@@ -24,28 +25,9 @@ pytestmark = [
 ops = torch.ops.moe_ext
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-ACTS = ["silu", "gelu", "gelu_tanh"]
-REF_ACT = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
-MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
-MIN_NORMAL_EXP = {torch.float16: -14, torch.bfloat16: -126}
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def make_h(M, F_, dtype, seed=0, scale=3.0):
-    """h [M, 2F] on the host (move it with .to(DEV))."""
-    return (torch.randn(M, 2 * F_, generator=_gen(seed), dtype=torch.float64) * scale).to(dtype)
-
-
-def make_grad(M, F_, dtype, seed=1):
-    return torch.randn(M, F_, generator=_gen(seed), dtype=torch.float64).to(dtype)
 
 
 def poison_allocator(nbytes=1 << 26):
@@ -53,61 +35,6 @@ def poison_allocator(nbytes=1 << 26):
     kernel forgets to write shows up instead of reading back as a plausible value."""
     t = torch.full((nbytes,), 255, dtype=torch.uint8, device=DEV)
     del t
-
-
-def ref_forward(h, act):
-    g, u = h.detach().cpu().double().chunk(2, -1)
-    return REF_ACT[act](g) * u
-
-
-def ref_backward(grad, h, act):
-    h64 = h.detach().cpu().double().requires_grad_()
-    g, u = h64.chunk(2, -1)
-    (gh,) = torch.autograd.grad(REF_ACT[act](g) * u, h64, grad.detach().cpu().double())
-    return gh
-
-
-def fwd_scale(h):
-    g, u = h.detach().cpu().double().chunk(2, -1)
-    return (g * u).abs()
-
-
-def bwd_scale(grad, h):
-    g, u = h.detach().cpu().double().chunk(2, -1)
-    gr = grad.detach().cpu().double()
-    return torch.cat([(gr * u).abs() * (1 + g.abs()), (gr * g).abs()], -1)
-
-
-def half_ulp(ref, dtype):
-    _, e = torch.frexp(ref)
-    e = torch.clamp(e.to(torch.float64) - 1, min=MIN_NORMAL_EXP[dtype])
-    return 0.5 * torch.pow(2.0, e - MANTISSA_BITS[dtype])
-
-
-def assert_close_ref(out, ref, dtype, scale, equal_nan=False):
-    """out (any device, dtype) against the float64 reference.
-
-    fp64: atol 1e-12, rtol 1e-10. fp32: |err| <= 1e-5 |ref| + 1e-6 (1 + scale) (scale: |gate * up| or the
-    backward's equivalent, what an absolute error of an ulp of 1 in erf / tanh is multiplied by). 16-bit:
-    the fp32 value rounded once, within half an ulp plus that fp32 bound, and within conftest's TOL."""
-    assert out.dtype == dtype and tuple(out.shape) == tuple(ref.shape)
-    o = out.detach().cpu().double()
-    if dtype == torch.float64:
-        torch.testing.assert_close(o, ref, atol=1e-12, rtol=1e-10, equal_nan=equal_nan)
-        return
-    if equal_nan:
-        assert torch.equal(o.isnan(), ref.isnan())
-        keep = ~ref.isnan()
-    else:
-        assert not o.isnan().any()
-        keep = torch.ones_like(o, dtype=torch.bool)
-    allowed = 1e-5 * ref.abs() + 1e-6 * (1 + scale)
-    if dtype != torch.float32:
-        allowed = allowed + half_ulp(ref, dtype)
-        torch.testing.assert_close(o, ref, **TOL[dtype], equal_nan=equal_nan)
-    err = (o - ref).abs()[keep]
-    bad = err > allowed[keep]
-    assert not bad.any(), f"{int(bad.sum())} of {err.numel()} elements off, worst error {err.max().item():.3g}"
 
 
 def assert_matches_cpu(out_gpu, out_cpu, dtype, ref, scale):
@@ -120,7 +47,7 @@ def assert_matches_cpu(out_gpu, out_cpu, dtype, ref, scale):
     if dtype == torch.float64:
         torch.testing.assert_close(g, c, atol=1e-12, rtol=1e-10, equal_nan=True)
         return
-    allowed = 2 * (1e-5 * ref.abs() + 1e-6 * (1 + scale))
+    allowed = 2 * fp32_bound(ref, scale)
     if dtype != torch.float32:
         allowed = allowed + 2 * half_ulp(ref, dtype)
     keep = ~c.isnan()
