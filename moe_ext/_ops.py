@@ -35,7 +35,7 @@ def _topk_gating_fake(logits, k, score_func="softmax", order="softmax_topk", ren
 @torch.library.register_fake("moe_ext::topk_gating_backward")
 def _topk_gating_backward_fake(grad_weights, grad_score_sum, grad_lse, logits, expert_ids, score_func, order,
                                renormalize, routed_scaling):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)  # contiguous, like the kernels' outputs (not empty_like's strides)
 
 
 @torch.library.register_fake("moe_ext::permute")
@@ -57,8 +57,9 @@ def _unpermute_fake(y_sorted, row_map, weights=None):
 
 @torch.library.register_fake("moe_ext::unpermute_backward")
 def _unpermute_backward_fake(grad_y, y_sorted, row_map, weights):
-    grad_w = torch.empty_like(weights) if weights is not None else y_sorted.new_empty((0,))
-    return torch.empty_like(y_sorted), grad_w
+    # Contiguous, like the kernels' outputs: empty_like would keep a transposed input's strides.
+    grad_w = weights.new_empty(weights.shape) if weights is not None else y_sorted.new_empty((0,))
+    return y_sorted.new_empty(y_sorted.shape), grad_w
 
 
 @torch.library.register_fake("moe_ext::grouped_gemm")
@@ -77,7 +78,7 @@ def _grouped_gemm_wgrad_fake(x, y, expert_offsets):
 @torch.library.register_fake("moe_ext::capacity_reroute")
 def _capacity_reroute_fake(expert_ids, keys, capacity):
     _same_device("capacity_reroute", "expert_ids", expert_ids, "keys", keys)
-    return torch.empty_like(expert_ids)
+    return expert_ids.new_empty(expert_ids.shape)  # contiguous, like the kernels' outputs
 
 
 @torch.library.register_fake("moe_ext::gated_activation")

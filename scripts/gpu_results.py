@@ -45,14 +45,20 @@ def parse_junit(path):
             "failures": names[:20]}
 
 
-SUMMARY = {"memcheck": r"ERROR SUMMARY:\s*(\d+)\s+error", "racecheck": r"RACECHECK SUMMARY:\s*(\d+)\s+hazard",
+# racecheck: "RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)": only errors count.
+SUMMARY = {"memcheck": r"ERROR SUMMARY:\s*(\d+)\s+error",
+           "racecheck": r"RACECHECK SUMMARY:\s*\d+\s+hazards?\s+displayed\s*\((\d+)\s+error",
            "initcheck": r"ERROR SUMMARY:\s*(\d+)\s+error", "synccheck": r"ERROR SUMMARY:\s*(\d+)\s+error"}
 NOISE = ("COMPUTE-SANITIZER", "ERROR SUMMARY", "RACECHECK SUMMARY", "Program hit", "=========     ")
 
 
+DONE = "SANITIZE-DONE"  # gpu_check.sh's last line of a sanitizer run that was not cut short
+
+
 def parse_sanitizer(tool, path):
     """{status, errors, first_lines} from a compute-sanitizer log: status is clean, errors,
-    unsupported (the device refused the tool), no_summary (killed or crashed before the end) or not_run."""
+    unsupported (the device refused the tool), incomplete (no SANITIZE-DONE line: cut short, so a clean
+    summary of its first half proves nothing), no_summary (crashed before any summary) or not_run."""
     if not path or not os.path.exists(path):
         return {"status": "not_run", "errors": None, "first_lines": []}
     with open(path, errors="replace") as f:
@@ -62,10 +68,14 @@ def parse_sanitizer(tool, path):
              not any(s in ln for s in NOISE) and ln.strip("= ").strip()]
     if "Device not supported" in text or "not supported on this" in text:
         status = "unsupported"
+    elif counts and sum(counts) > 0:
+        status = "errors"
+    elif DONE not in text:
+        status = "incomplete"
     elif not counts:
         status = "no_summary"
     else:
-        status = "clean" if sum(counts) == 0 else "errors"
+        status = "clean"
     return {"status": status, "errors": sum(counts) if counts else None, "runs": len(counts), "first_lines": lines[:12]}
 
 
@@ -94,11 +104,13 @@ def slug(name):
     return s or "unknown"
 
 
-def torch_info():
+def torch_info(ask_device=True):
+    """Versions, and the device name only when asked: after a hung kernel, touching the GPU again could
+    hang this last step too (gpu_check.sh passes the name it read at the start)."""
     try:
         import torch
         return {"torch": torch.__version__, "cuda": torch.version.cuda,
-                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+                "device": torch.cuda.get_device_name() if ask_device and torch.cuda.is_available() else None}
     except Exception:
         return {"torch": None, "cuda": None, "device": None}
 
@@ -111,15 +123,19 @@ def build(args):
                 bench = json.load(f)
         except ValueError as e:
             bench = {"error": f"unreadable: {e}"}
-    ti = torch_info()
+    ti = torch_info(ask_device=not args.device)
     device = args.device or (bench or {}).get("device") or ti["device"] or "unknown"
     commit = args.commit or git("rev-parse", "HEAD") or (bench or {}).get("commit") or "unknown"
+    if args.dirty is not None:
+        dirty = args.dirty == "1"
+    else:
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit != "unknown" else None
     bver = (bench or {}).get("versions", {})
     doc = {
         "schema": 1,
         "device": device,
         "commit": commit,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit != "unknown" else None,
+        "dirty": dirty,
         "date": args.date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": ti["torch"] or bver.get("torch"),
         "cuda": ti["cuda"] or bver.get("cuda"),
@@ -129,17 +145,21 @@ def build(args):
         "tests_all": parse_junit(args.junit_all) if args.junit_all else None,
         "sanitizer": {t: parse_sanitizer(t, p) for t, p in (s.split("=", 1) for s in args.sanitizer)},
         "steps": parse_steps(args.steps),
-        "bench": {"status": "missing" if bench is None else ("ok" if "rows" in bench else "unreadable"),
+        "bench": {"status": "missing" if bench is None else ("unreadable" if "rows" not in bench else
+                                                              ("incomplete" if bench.get("complete") is False else "ok")),
                   "ceilings": (bench or {}).get("ceilings"), "config": (bench or {}).get("config"),
                   "rows": (bench or {}).get("rows", [])},
     }
     unsupported = {t for t, v in doc["sanitizer"].items() if v["status"] == "unsupported"}  # e.g. gVisor machines
-    failed_steps = [s["name"] for s in doc["steps"] if s["rc"] not in (0, "0", "skipped", "missing")
+    # "incomplete": an optional step (gpu_check.sh) ran out of time; what it did finish still counts.
+    cut_short = {s["name"] for s in doc["steps"] if s["rc"] == "incomplete"}
+    failed_steps = [s["name"] for s in doc["steps"] if s["rc"] not in (0, "0", "skipped", "missing", "incomplete")
                     and s["name"] not in unsupported]
     doc["ok"] = (not failed_steps and doc["tests"]["status"] == "ok" and doc["tests"]["failed"] == 0
                  and doc["tests"]["errors"] == 0 and doc["bench"]["status"] == "ok"
                  and all(r.get("ok") is not False for r in doc["bench"]["rows"] if r.get("impl") == "moe_ext")
-                 and all(s["status"] in ("clean", "unsupported") for s in doc["sanitizer"].values()))
+                 and all(s["status"] in ("clean", "unsupported") or (s["status"] == "incomplete" and t in cut_short)
+                         for t, s in doc["sanitizer"].items()))
     doc["failed_steps"] = failed_steps
     return doc
 
@@ -186,8 +206,9 @@ def main(argv=None):
     p.add_argument("--steps")
     p.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--copy-to")
-    p.add_argument("--device", help="override the device name (tests)")
-    p.add_argument("--commit", help="override the commit (tests)")
+    p.add_argument("--device", help="the device name (default: asks torch)")
+    p.add_argument("--commit", help="the commit tested (default: git, where .git is there)")
+    p.add_argument("--dirty", choices=["0", "1"], help="whether the tree had uncommitted changes (default: git)")
     p.add_argument("--date", help="override the date (tests)")
     args = p.parse_args(argv)
     doc = build(args)

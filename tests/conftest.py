@@ -1,7 +1,28 @@
+import signal
+
 import pytest
 import torch
 
 import moe_ext  # noqa: F401  (registers the ops)
+
+
+def pytest_configure(config):
+    # `timeout` (scripts/gpu_check.sh) stops a run with SIGTERM, which would kill pytest before it writes
+    # its junit report; as KeyboardInterrupt, pytest ends the session and writes what it has.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_errors_stay_with_their_test(request):
+    """Kernels run asynchronously: without this, a kernel fault surfaces at some later test's first
+    synchronising call and is blamed on that test. Synchronising at the end of each CUDA test keeps
+    the failure with the test that launched the kernel."""
+    yield
+    if request.node.get_closest_marker("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 # Per-dtype tolerances for values computed in fp32 and rounded to the output dtype.
 TOL = {
@@ -38,3 +59,13 @@ def has_fake_kernel(op, args, kwargs):
         return True
     except Exception:
         return False
+
+
+def poison_cuda_allocator(large_bytes=1 << 26, small_blocks=32):
+    """Leave 0xFF bytes (NaN in every float dtype, -1 in every int dtype) in both pools of the CUDA
+    caching allocator, so that an output element a kernel forgets to write shows up instead of reading
+    back as a plausible value. Requests of 1 MiB or less come from the small pool (2 MiB segments), so
+    one large block alone would leave every small output unpoisoned."""
+    held = [torch.full((large_bytes,), 255, dtype=torch.uint8, device="cuda")]
+    held += [torch.full((1 << 20,), 255, dtype=torch.uint8, device="cuda") for _ in range(small_blocks)]
+    del held

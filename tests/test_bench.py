@@ -93,8 +93,9 @@ def test_results_writer_from_fake_inputs(tmp_path, capsys):
     (tmp_path / "memcheck.log").write_text(
         "========= COMPUTE-SANITIZER\n========= Invalid __global__ write of size 4 bytes\n"
         "=========     at permute_kernel+0x90\n========= ERROR SUMMARY: 1 error\n"
-        "========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
-    (tmp_path / "racecheck.log").write_text("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+        "========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\nSANITIZE-DONE tool=memcheck rc=1\n")
+    (tmp_path / "racecheck.log").write_text("========= RACECHECK SUMMARY: 2 hazards displayed (0 errors, 2 warnings)\n"
+                                            "SANITIZE-DONE tool=racecheck rc=0\n")
     (tmp_path / "steps.tsv").write_text("info\t0\t0\tok\nbuild\t0\t95\tok\ntests_cuda\t1\t40\tfailed rc=1\n")
     rows = [{"suite": "layer", "model": "mixtral", "pass": "fwd", "T": 4096, "routing": "uniform", "impl": "moe_ext",
              "ok": True, "median_us": 5000.0, "tflops": 577.0, "gbps": 700.0, "roofline_frac": 0.73,
@@ -125,6 +126,84 @@ def test_results_writer_from_fake_inputs(tmp_path, capsys):
     assert doc["bench"]["rows"] == rows and doc["failed_steps"] == ["tests_cuda"] and doc["ok"] is False
     text = capsys.readouterr().out.strip().splitlines()
     assert text[-1].startswith("RESULT: FAIL") and any("layer/mixtral fwd T=4096" in ln for ln in text)
+
+
+def _write_clean_run(tmp_path, steps, memcheck_done=True, racecheck="done", bench_complete=True):
+    (tmp_path / "junit.xml").write_text('<testsuite tests="2" failures="0" errors="0" skipped="0">'
+                                        '<testcase classname="t" name="a"/><testcase classname="t" name="b"/>'
+                                        '</testsuite>')
+    (tmp_path / "memcheck.log").write_text("========= ERROR SUMMARY: 0 errors\n"
+                                           + ("SANITIZE-DONE tool=memcheck rc=0\n" if memcheck_done else ""))
+    race = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+    (tmp_path / "racecheck.log").write_text(race + "SANITIZE-DONE tool=racecheck rc=0\n" if racecheck == "done" else
+                                            race if racecheck == "cut" else
+                                            "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)\n")
+    (tmp_path / "steps.tsv").write_text("".join(f"{name}\t{rc}\t5\tx\n" for name, rc in steps))
+    rows = [{"suite": "gating", "model": "m", "pass": "fwd", "T": 8, "routing": "uniform", "impl": "moe_ext", "ok": True}]
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": rows, "complete": bench_complete}))
+    return ["--junit", str(tmp_path / "junit.xml"), "--bench", str(tmp_path / "bench.json"),
+            "--sanitizer", f"memcheck={tmp_path / 'memcheck.log'}", "--sanitizer", f"racecheck={tmp_path / 'racecheck.log'}",
+            "--steps", str(tmp_path / "steps.tsv"), "--results-dir", str(tmp_path / "res"),
+            "--device", "NVIDIA H100 80GB HBM3", "--commit", "c" * 40]
+
+
+def _doc(tmp_path):
+    res = tmp_path / "res"
+    return json.loads((res / os.listdir(res)[0]).read_text())
+
+
+def test_results_writer_passes_a_clean_run_with_optional_steps_cut_short(tmp_path):
+    required = [("info", 0), ("build", 0), ("tests_cuda", 0), ("memcheck", 0), ("bench_quick", 0)]
+    args = _write_clean_run(tmp_path, required + [("racecheck", "incomplete"), ("tests_cpu", "incomplete")],
+                            racecheck="cut")
+    assert gpu_results.main(args + ["--dirty", "1"]) == 0
+    doc = _doc(tmp_path)
+    assert doc["ok"] is True and doc["failed_steps"] == [] and doc["dirty"] is True
+    assert doc["sanitizer"]["memcheck"]["status"] == "clean"
+    assert doc["sanitizer"]["racecheck"]["status"] == "incomplete"  # recorded, not claimed clean
+
+
+@pytest.mark.parametrize("what", ["memcheck_cut", "racecheck_error", "bench_cut", "required_step_timeout"])
+def test_results_writer_fails_what_did_not_finish_or_found_something(tmp_path, what):
+    steps = [("info", 0), ("build", 0), ("tests_cuda", 0), ("memcheck", 0), ("bench_quick", 0), ("racecheck", 0)]
+    if what == "required_step_timeout":
+        steps[2] = ("tests_cuda", 124)
+    args = _write_clean_run(tmp_path, steps, memcheck_done=what != "memcheck_cut",
+                            racecheck="error" if what == "racecheck_error" else "done",
+                            bench_complete=what != "bench_cut")
+    assert gpu_results.main(args) == 1
+    doc = _doc(tmp_path)
+    assert doc["ok"] is False
+    if what == "memcheck_cut":
+        assert doc["sanitizer"]["memcheck"]["status"] == "incomplete"
+    elif what == "racecheck_error":
+        assert doc["sanitizer"]["racecheck"] == dict(doc["sanitizer"]["racecheck"], status="errors", errors=1)
+    elif what == "bench_cut":
+        assert doc["bench"]["status"] == "incomplete"
+    else:
+        assert doc["failed_steps"] == ["tests_cuda"]
+
+
+def test_bench_interrupted_keeps_the_rows_so_far(tmp_path, monkeypatch):
+    """timeout's SIGTERM mid-run: results.json still holds the finished cases, marked incomplete."""
+    import signal
+
+    real, calls = bench_main.run_case, []
+
+    def run_then_terminate(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(bench_main, "run_case", run_then_terminate)
+    rc = bench_main.main(["--device", "cpu", "--smoke", "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 1 and len(calls) == 2
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["complete"] is False and doc["cases"] > 2
+    assert len({r["config"] for r in doc["rows"]}) == 1  # the second case was cut before its rows landed
+    assert signal.getsignal(signal.SIGTERM) is not bench_main._raise_interrupt  # handler restored
 
 
 def test_results_writer_tolerates_missing_inputs(tmp_path):

@@ -63,9 +63,11 @@ def test_reroute_cuda_matches_cpu(T, E, k, cap, dtype):
     if T:
         ids[torch.rand(T, k) < 0.1] = -1  # dropped slots stay dropped
     cpu = ops.capacity_reroute(ids, keys, cap)
+    ids_d, keys_d = ids.cuda(), keys.cuda()  # host-to-device copies synchronise: before error mode
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gpu = ops.capacity_reroute(ids.cuda(), keys.cuda(), cap)
+        gpu = ops.capacity_reroute(ids_d, keys_d, cap)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert gpu.dtype == dtype and torch.equal(gpu.cpu(), cpu)

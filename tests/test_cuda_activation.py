@@ -14,7 +14,7 @@ import torch
 import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
 from activation_ref import (ACTS, assert_close_ref, bwd_scale, fp32_bound, fwd_scale, half_ulp, make_grad,
                             make_h, ref_backward, ref_forward)
-from conftest import TOL, has_fake_kernel, noncontig
+from conftest import TOL, has_fake_kernel, noncontig, poison_cuda_allocator
 from moe_ext.functional import apply_activation
 
 pytestmark = [
@@ -28,13 +28,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def poison_allocator(nbytes=1 << 26):
-    """Leave 0xFF bytes (NaN in every float dtype) in the caching allocator, so that an output element the
-    kernel forgets to write shows up instead of reading back as a plausible value."""
-    t = torch.full((nbytes,), 255, dtype=torch.uint8, device=DEV)
-    del t
 
 
 def assert_matches_cpu(out_gpu, out_cpu, dtype, ref, scale):
@@ -76,7 +69,7 @@ def test_matches_cpu_and_reference(dtype, act, shape):
     h = make_h(M, F_, dtype, seed=M * 1000 + F_)
     grad = make_grad(M, F_, dtype, seed=M + F_)
     hd, gd = h.to(DEV), grad.to(DEV)
-    poison_allocator()
+    poison_cuda_allocator()
     out = ops.gated_activation(hd, act)
     grad_h = ops.gated_activation_backward(gd, hd, act)
     torch.cuda.synchronize()
@@ -95,7 +88,7 @@ def test_more_rows_than_a_grid_dimension(dtype, shape):
     M, F_ = shape
     h = make_h(M, F_, dtype, seed=3)
     grad = make_grad(M, F_, dtype, seed=4)
-    poison_allocator()
+    poison_cuda_allocator()
     out = ops.gated_activation(h.to(DEV), "silu")
     grad_h = ops.gated_activation_backward(grad.to(DEV), h.to(DEV), "gelu")
     assert_close_ref(out, ref_forward(h, "silu"), dtype, fwd_scale(h))

@@ -15,6 +15,8 @@ import torch
 
 import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
 
+from conftest import poison_cuda_allocator
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -56,13 +58,6 @@ def make_offsets(counts, front=0):
 
 def randn(*shape, dtype, gen, scale=1.0):
     return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype).to(DEV)
-
-
-def poison_allocator(nbytes=1 << 26):
-    """Leave NaN bit patterns in the caching allocator, so that an output the kernel forgets to write
-    shows up instead of reading back as zeros."""
-    t = torch.full((nbytes // 4,), float("nan"), device=DEV)
-    del t
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -126,7 +121,7 @@ def test_forward(dtype, kind, shape, trans_b):
     offs_host = make_offsets(counts, front)
     a = randn(M, K, dtype=dtype, gen=gen)
     b = randn(E, N, K, dtype=dtype, gen=gen, scale=K ** -0.5) if trans_b else randn(E, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
-    poison_allocator()
+    poison_cuda_allocator()
     out = ops.grouped_gemm(a, b, offs_host.to(DEV), trans_b)
     ref = ref_forward(a, b, offs_host, trans_b)
     assert_accurate(out, ref, ref_forward(a, b, offs_host, trans_b, dtype=dtype), dtype)
@@ -146,7 +141,7 @@ def test_forward_bias(dtype, trans_b, shape):
     a = randn(M, K, dtype=dtype, gen=gen)
     b = randn(E, N, K, dtype=dtype, gen=gen, scale=K ** -0.5) if trans_b else randn(E, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
     bias = randn(E, N, dtype=dtype, gen=gen)
-    poison_allocator()
+    poison_cuda_allocator()
     out = ops.grouped_gemm(a, b, offs_host.to(DEV), trans_b, bias)
     ref = ref_forward(a, b, offs_host, trans_b, bias)
     assert_accurate(out, ref, ref_forward(a, b, offs_host, trans_b, bias, dtype=dtype), dtype)
@@ -173,7 +168,7 @@ def test_forward_edge_cases():
     # all rows outside the experts
     a = randn(10, K, dtype=torch.bfloat16, gen=gen)
     offs = torch.full((E + 1,), 4, dtype=torch.int64)
-    poison_allocator()
+    poison_cuda_allocator()
     assert (ops.grouped_gemm(a, b, offs.to(DEV)) == 0).all()
     # no rows
     assert ops.grouped_gemm(a[:0], b, torch.zeros(E + 1, dtype=torch.int64, device=DEV)).shape == (0, N)
@@ -221,7 +216,7 @@ def test_wgrad(dtype, kind, shape):
     offs_host = make_offsets(counts, 2)  # rows outside the experts do not contribute
     x = randn(M, P, dtype=dtype, gen=gen)
     y = randn(M, Q, dtype=dtype, gen=gen, scale=1.0 / math.sqrt(max(1, M // E)))
-    poison_allocator()
+    poison_cuda_allocator()
     out = ops.grouped_gemm_wgrad(x, y, offs_host.to(DEV))
     assert out.shape == (E, P, Q)
     ref = ref_wgrad(x, y, offs_host)
@@ -240,7 +235,7 @@ def test_wgrad_large_many_empty():
     offs_host = make_offsets(counts)
     x = randn(M, P, dtype=torch.bfloat16, gen=gen)
     y = randn(M, Q, dtype=torch.bfloat16, gen=gen, scale=0.05)
-    poison_allocator()
+    poison_cuda_allocator()
     out = ops.grouped_gemm_wgrad(x, y, offs_host.to(DEV))
     assert_accurate(out, ref_wgrad(x, y, offs_host), ref_wgrad(x, y, offs_host, dtype=torch.bfloat16), torch.bfloat16)
     assert (out[::3][counts[::3] == 0] == 0).all()
@@ -249,7 +244,7 @@ def test_wgrad_large_many_empty():
 def test_wgrad_no_rows():
     x = torch.empty(0, 16, dtype=torch.bfloat16, device=DEV)
     y = torch.empty(0, 8, dtype=torch.bfloat16, device=DEV)
-    poison_allocator()
+    poison_cuda_allocator()
     out = ops.grouped_gemm_wgrad(x, y, torch.zeros(5, dtype=torch.int64, device=DEV))
     assert out.shape == (4, 16, 8) and (out == 0).all()
 

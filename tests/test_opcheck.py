@@ -11,6 +11,12 @@ def _ids(T, k, E):
     return torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(torch.int32)
 
 
+def _t(x):
+    """The same values in a column-major (dense, non-contiguous) layout: fake kernels must still
+    report the kernels' contiguous outputs, which torch.empty_like would not."""
+    return x.t().contiguous().t()
+
+
 def samples():
     T, H, E, k = 9, 72, 7, 3
     logits = torch.randn(T, E)
@@ -41,6 +47,18 @@ def samples():
     yield "gated_activation", (torch.randn(T, 2 * 36), "silu"), {}
     yield "gated_activation", (torch.randn(T, 2 * 36).bfloat16(), "gelu_tanh"), {}
     yield "gated_activation_backward", (torch.randn(T, 36), torch.randn(T, 72), "gelu"), {}
+    # column-major inputs of every op
+    yield "topk_gating", (_t(logits), k), {}
+    yield "topk_gating_backward", (_t(torch.randn(T, k)), None, None, _t(logits), _t(ids), "softmax",
+                                   "softmax_topk", True, 1.0), {}
+    yield "permute", (_t(x), _t(ids), E), {}
+    yield "unpermute", (_t(xs), rm, _t(w)), {}
+    yield "unpermute_backward", (_t(torch.randn(T, H)), _t(xs), _t(rm), _t(w)), {}
+    yield "grouped_gemm", (_t(xs), torch.randn(E, H, 40).transpose(1, 2).contiguous().transpose(1, 2), off), {}
+    yield "grouped_gemm_wgrad", (_t(xs), _t(torch.randn(xs.shape[0], 40)), off), {}
+    yield "capacity_reroute", (_t(ids), _t(logits), 2), {}
+    yield "gated_activation", (_t(torch.randn(T, 2 * 36)), "gelu"), {}
+    yield "gated_activation_backward", (_t(torch.randn(T, 36)), _t(torch.randn(T, 72)), "silu"), {}
 
 
 @pytest.mark.parametrize("name,args,kwargs", list(samples()))

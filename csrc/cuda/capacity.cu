@@ -33,9 +33,12 @@ __global__ void __launch_bounds__(kWarp) reroute_warp_kernel(index_t* ids, const
         const int64_t e = __shfl_sync(kFullMask, mine, l);  // the same on every lane: uniform branches
         const int64_t t = t0 + l;
         index_t* row = ids + t * k;
-        if (!valid_expert(e, E)) {
+        const bool valid = valid_expert(e, E);
+        const bool fits = valid && load[e] < capacity;
+        __syncwarp();  // every lane has read load[e] before lane 0 changes it
+        if (!valid) {
           if (lane == 0) row[j] = -1;
-        } else if (load[e] < capacity) {
+        } else if (fits) {
           if (lane == 0) ++load[e];
         } else {
           // Sentinel: ranks after every real candidate, NaN keys and ties included.
@@ -53,6 +56,7 @@ __global__ void __launch_bounds__(kWarp) reroute_warp_kernel(index_t* ids, const
             }
           }
           warp_best(best_key, best);
+          __syncwarp();  // every lane's reads of load and row before lane 0 writes them
           if (lane == 0) {
             const bool found = best != INT_MAX;
             row[j] = static_cast<index_t>(found ? best : -1);

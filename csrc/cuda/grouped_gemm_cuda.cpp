@@ -50,6 +50,13 @@ struct KernelFns {
 };
 
 #define MOE_EXT_KERNEL_FNS(NAME) KernelFns{&gemm::grouped_gemm_##NAME##_workspace, &gemm::grouped_gemm_##NAME##_run}
+// The fp16 kernels are not linked in when MOE_EXT_DISABLE_FP16 compiled them out (find_cutlass_kernel
+// refuses fp16 before it gets here), so they must not be referenced either, even from a dead branch.
+#if MOE_EXT_GEMM_FP16
+#define MOE_EXT_FP16_FNS(NAME) MOE_EXT_KERNEL_FNS(NAME)
+#else
+#define MOE_EXT_FP16_FNS(NAME) KernelFns{}
+#endif
 
 const char* form_name(Form f) {
   return f == Form::kFwdNN ? "forward NN" : (f == Form::kFwdNT ? "forward NT (trans_b)" : "wgrad TN");
@@ -80,17 +87,17 @@ KernelFns find_cutlass_kernel(const char* op, const cudaDeviceProp& prop, at::Sc
   if (sm90) {
 #if MOE_EXT_GEMM_SM90
     switch (form) {
-      case Form::kFwdNN: return fp16 ? MOE_EXT_KERNEL_FNS(sm90_fp16_nn) : MOE_EXT_KERNEL_FNS(sm90_bf16_nn);
-      case Form::kFwdNT: return fp16 ? MOE_EXT_KERNEL_FNS(sm90_fp16_nt) : MOE_EXT_KERNEL_FNS(sm90_bf16_nt);
-      case Form::kWgradTN: return fp16 ? MOE_EXT_KERNEL_FNS(sm90_fp16_tn) : MOE_EXT_KERNEL_FNS(sm90_bf16_tn);
+      case Form::kFwdNN: return fp16 ? MOE_EXT_FP16_FNS(sm90_fp16_nn) : MOE_EXT_KERNEL_FNS(sm90_bf16_nn);
+      case Form::kFwdNT: return fp16 ? MOE_EXT_FP16_FNS(sm90_fp16_nt) : MOE_EXT_KERNEL_FNS(sm90_bf16_nt);
+      case Form::kWgradTN: return fp16 ? MOE_EXT_FP16_FNS(sm90_fp16_tn) : MOE_EXT_KERNEL_FNS(sm90_bf16_tn);
     }
 #endif
   } else if (sm8x) {
 #if MOE_EXT_GEMM_SM80
     switch (form) {
-      case Form::kFwdNN: return fp16 ? MOE_EXT_KERNEL_FNS(sm80_fp16_nn) : MOE_EXT_KERNEL_FNS(sm80_bf16_nn);
-      case Form::kFwdNT: return fp16 ? MOE_EXT_KERNEL_FNS(sm80_fp16_nt) : MOE_EXT_KERNEL_FNS(sm80_bf16_nt);
-      case Form::kWgradTN: return fp16 ? MOE_EXT_KERNEL_FNS(sm80_fp16_tn) : MOE_EXT_KERNEL_FNS(sm80_bf16_tn);
+      case Form::kFwdNN: return fp16 ? MOE_EXT_FP16_FNS(sm80_fp16_nn) : MOE_EXT_KERNEL_FNS(sm80_bf16_nn);
+      case Form::kFwdNT: return fp16 ? MOE_EXT_FP16_FNS(sm80_fp16_nt) : MOE_EXT_KERNEL_FNS(sm80_bf16_nt);
+      case Form::kWgradTN: return fp16 ? MOE_EXT_FP16_FNS(sm80_fp16_tn) : MOE_EXT_KERNEL_FNS(sm80_bf16_tn);
     }
 #endif
   }
@@ -225,7 +232,7 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& x, const at::Tensor& y, con
   if (half && cutlass_ok) {
     // CUTLASS got 0x0x0 problems for experts without rows (k = 0 is mishandled, cutlass PR #1593);
     // their gradient is zero. The simple kernel writes those zeros itself.
-    C10_CUDA_CHECK(gemm::grouped_gemm_zero_empty_experts(out.data_ptr(), offs.data_ptr<int64_t>(), E, P * Q,
+    C10_CUDA_CHECK(gemm::grouped_gemm_zero_empty_experts(out.data_ptr(), offs.data_ptr<int64_t>(), E, M, P * Q,
                                                          static_cast<int>(out.element_size()), sm_count, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -9,7 +9,9 @@ Writes DIR/results.json, DIR/results.csv, DIR/*.png and prints a table. See docs
 """
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -139,7 +141,8 @@ def main(argv=None) -> int:
     print(f"moe_ext.bench on {report.device_name(device)}: {len(cases)} cases ({args.mode}); copy "
           f"{ceil['copy_Bps'] / 1e9:.1f} GB/s, dense GEMM {ceil['dense_flops'] / 1e12:.2f} TFLOP/s", file=sys.stderr)
     rows, profiles, prog = [], [], Progress(len(cases))
-    for case in cases:
+
+    def run_one(case):
         prog.step(case.label)
         try:
             rs, prof = run_case(case, args, ceil, ranges)
@@ -149,28 +152,54 @@ def main(argv=None) -> int:
                              f"{str(e).splitlines()[0][:160] if str(e) else ''}", median_us=None, p20_us=None,
                              p80_us=None, tflops=None, gbps=None, roofline_frac=None, bound=None, dense_frac=None,
                              graph=None, n_sets=None, **{"pass": case.pass_})], None
-        rows += rs
+        rows.extend(rs)
         if prof is not None:
             profiles.append({"case": case.label, "top": prof["top"], "stages": prof["stages"]})
             with open(os.path.join(args.out, "profile.txt"), "a") as f:
                 f.write(f"== {case.label}\n{prof['table']}\n")
+
+    header = {"schema": 1, "device": report.device_name(device), "device_type": device, "date": report.now(),
+              **report.git_commit(), "versions": report.versions(device),
+              "config": {"mode": args.mode, "suites": args.suites, "filter": args.filter, "nsys": args.nsys,
+                         "profile": args.profile, "dtype": str(dtype_for(device)), "argv": sys.argv[1:],
+                         "cpu_threads": torch.get_num_threads()},
+              "ceilings": {"copy_GBps": ceil["copy_Bps"] / 1e9, "dense_TFLOPs": ceil["dense_flops"] / 1e12}}
+
+    def document(complete):
+        return {**header, "rows": rows, "profile": profiles, "complete": complete, "cases": len(cases),
+                "elapsed_s": round(time.time() - t0, 1)}
+
+    json_path = os.path.join(args.out, "results.json")
+    # A run cut short (timeout's SIGTERM, Ctrl-C) still leaves results.json with the rows so far.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
+    try:
+        for case in cases:
+            run_one(case)
+            report.write_json(json_path, document(complete=False))
+    except KeyboardInterrupt:
+        prog.close()
+        print(f"\ninterrupted after {len({r['config'] for r in rows})} of {len(cases)} cases; their rows are in "
+              f"{json_path}", file=sys.stderr)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     prog.close()
-    doc = {"schema": 1, "device": report.device_name(device), "device_type": device, "date": report.now(),
-           **report.git_commit(), "versions": report.versions(device),
-           "config": {"mode": args.mode, "suites": args.suites, "filter": args.filter, "nsys": args.nsys,
-                      "profile": args.profile, "dtype": str(dtype_for(device)), "argv": sys.argv[1:],
-                      "cpu_threads": torch.get_num_threads()},
-           "ceilings": {"copy_GBps": ceil["copy_Bps"] / 1e9, "dense_TFLOPs": ceil["dense_flops"] / 1e12},
-           "rows": rows, "profile": profiles, "elapsed_s": None}
+    doc = document(complete=True)
     report.write_csv(os.path.join(args.out, "results.csv"), rows)
     pngs = report.plots(args.out, rows)
     doc["elapsed_s"] = round(time.time() - t0, 1)
-    report.write_json(os.path.join(args.out, "results.json"), doc)
+    report.write_json(json_path, doc)
     print(report.table(rows))
     bad = [r for r in rows if r["ok"] is False]
     print(f"\n{len(rows)} rows, {len(bad)} failed checks; wrote {args.out}/results.json, results.csv"
           + (", " + ", ".join(os.path.basename(p) for p in pngs) if pngs else "") + f" in {doc['elapsed_s']} s")
     return 1 if any(r["ok"] is False and r["impl"] == "moe_ext" for r in rows) else 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "grouped_gemm_launch.h"
+#include "workspace.cuh"
 
 namespace moe_ext {
 namespace gemm {
@@ -50,11 +51,9 @@ __global__ void prefill_kernel(T* __restrict__ c, const T* __restrict__ bias, co
   }
 }
 
-__global__ void zero_empty_kernel(char* __restrict__ out, const int64_t* __restrict__ offsets, int64_t bytes_per_expert) {
-  const int64_t e = blockIdx.y;
-  if (offsets[e + 1] > offsets[e]) return;  // CUTLASS writes this expert
-  char* base = out + e * bytes_per_expert;
-  // 16-byte stores for the aligned middle, bytes at the ends.
+// Zeroes [base, base + bytes_per_expert) with the threads of gridDim.x: 16-byte stores for the
+// aligned middle, bytes at the ends.
+__device__ void zero_bytes(char* base, int64_t bytes_per_expert) {
   const uintptr_t addr = reinterpret_cast<uintptr_t>(base);
   const int64_t align_gap = int64_t((16 - (addr & 15)) & 15);
   const int64_t head = bytes_per_expert < align_gap ? bytes_per_expert : align_gap;
@@ -65,6 +64,15 @@ __global__ void zero_empty_kernel(char* __restrict__ out, const int64_t* __restr
   for (int64_t i = tid; i < body; i += nthreads) vec[i] = make_uint4(0, 0, 0, 0);
   for (int64_t i = tid; i < head; i += nthreads) base[i] = 0;
   for (int64_t i = head + body * 16 + tid; i < bytes_per_expert; i += nthreads) base[i] = 0;
+}
+
+// Experts are strided over gridDim.y (at most 65535 blocks there).
+__global__ void zero_empty_kernel(char* __restrict__ out, const int64_t* __restrict__ offsets, int64_t E, int64_t M,
+                                  int64_t bytes_per_expert) {
+  for (int64_t e = blockIdx.y; e < E; e += gridDim.y) {
+    // The same clamped emptiness test as the argument kernels: CUTLASS got 0x0x0 exactly for these.
+    if (expert_rows(offsets, e, M).count == 0) zero_bytes(out + e * bytes_per_expert, bytes_per_expert);
+  }
 }
 
 // ---- simple CUDA-core grouped GEMM (fallback) ----
@@ -81,90 +89,100 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 
 constexpr int kTile = 16;
 
-// Forward: block (n tile, row-tile lane, expert); the row tiles of an expert are strided over gridDim.y.
+// Forward: block (n tile, row-tile lane, expert); the row tiles of an expert are strided over
+// gridDim.y and the experts over gridDim.z (both loops are uniform per block, so the barriers are safe).
 template <typename T, bool kTransB>
 __global__ void simt_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c,
-                                const int64_t* __restrict__ offsets, int64_t M, int64_t K, int64_t N,
+                                const int64_t* __restrict__ offsets, int64_t E, int64_t M, int64_t K, int64_t N,
                                 bool accumulate) {
   using A = typename Acc<T>::type;
   __shared__ A sa[kTile][kTile + 1];
   __shared__ A sb[kTile][kTile + 1];
-  const int64_t e = blockIdx.z;
-  const int64_t lo = clamp64(offsets[e], 0, M);
-  const int64_t hi = clamp64(offsets[e + 1], lo, M);
   const int64_t n = int64_t(blockIdx.x) * kTile + threadIdx.x;
-  const T* be = b + e * K * N;
-  for (int64_t r0 = lo + int64_t(blockIdx.y) * kTile; r0 < hi; r0 += int64_t(gridDim.y) * kTile) {
-    const int64_t row = r0 + threadIdx.y;
-    A acc = 0;
-    for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-      // sa[y][x] = a[r0 + y, k0 + x]; sb[y][x] = B[k0 + y, n0 + x]
-      const int64_t ka = k0 + threadIdx.x;
-      sa[threadIdx.y][threadIdx.x] = (row < hi && ka < K) ? to_acc(a[row * K + ka]) : A(0);
-      const int64_t kb = k0 + threadIdx.y;
-      A bv = 0;
-      if (kb < K && n < N) bv = to_acc(kTransB ? be[n * K + kb] : be[kb * N + n]);
-      sb[threadIdx.y][threadIdx.x] = bv;
-      __syncthreads();
+  for (int64_t e = blockIdx.z; e < E; e += gridDim.z) {
+    const ExpertRows rows = expert_rows(offsets, e, M);
+    const int64_t hi = rows.begin + rows.count;
+    const T* be = b + e * K * N;
+    for (int64_t r0 = rows.begin + int64_t(blockIdx.y) * kTile; r0 < hi; r0 += int64_t(gridDim.y) * kTile) {
+      const int64_t row = r0 + threadIdx.y;
+      A acc = 0;
+      for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+        // sa[y][x] = a[r0 + y, k0 + x]; sb[y][x] = B[k0 + y, n0 + x]
+        const int64_t ka = k0 + threadIdx.x;
+        sa[threadIdx.y][threadIdx.x] = (row < hi && ka < K) ? to_acc(a[row * K + ka]) : A(0);
+        const int64_t kb = k0 + threadIdx.y;
+        A bv = 0;
+        if (kb < K && n < N) bv = to_acc(kTransB ? be[n * K + kb] : be[kb * N + n]);
+        sb[threadIdx.y][threadIdx.x] = bv;
+        __syncthreads();
 #pragma unroll
-      for (int kk = 0; kk < kTile; ++kk) acc += sa[threadIdx.y][kk] * sb[kk][threadIdx.x];
-      __syncthreads();
-    }
-    if (row < hi && n < N) {
-      T* out = c + row * N + n;
-      if (accumulate) acc += to_acc(*out);
-      *out = from_acc<T>(acc);
+        for (int kk = 0; kk < kTile; ++kk) acc += sa[threadIdx.y][kk] * sb[kk][threadIdx.x];
+        __syncthreads();
+      }
+      if (row < hi && n < N) {
+        T* out = c + row * N + n;
+        if (accumulate) acc += to_acc(*out);
+        *out = from_acc<T>(acc);
+      }
     }
   }
 }
 
-// Wgrad: block (q tile, p tile, expert), reduction over the expert's rows; zero rows give zeros.
+// Wgrad: block (q tile, p tile, expert), reduction over the expert's rows; zero rows give zeros. The
+// p tiles are strided over gridDim.y and the experts over gridDim.z (block-uniform loops).
 template <typename T>
 __global__ void simt_wgrad_kernel(const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ out,
-                                  const int64_t* __restrict__ offsets, int64_t M, int64_t P, int64_t Q) {
+                                  const int64_t* __restrict__ offsets, int64_t E, int64_t M, int64_t P,
+                                  int64_t Q) {
   using A = typename Acc<T>::type;
   __shared__ A sx[kTile][kTile + 1];  // sx[r][p]
   __shared__ A sy[kTile][kTile + 1];  // sy[r][q]
-  const int64_t e = blockIdx.z;
-  const int64_t lo = clamp64(offsets[e], 0, M);
-  const int64_t hi = clamp64(offsets[e + 1], lo, M);
-  const int64_t p0 = int64_t(blockIdx.y) * kTile, q0 = int64_t(blockIdx.x) * kTile;
-  A acc = 0;
-  for (int64_t r0 = lo; r0 < hi; r0 += kTile) {
-    const int64_t r = r0 + threadIdx.y;
-    const int64_t pl = p0 + threadIdx.x, ql = q0 + threadIdx.x;
-    sx[threadIdx.y][threadIdx.x] = (r < hi && pl < P) ? to_acc(x[r * P + pl]) : A(0);
-    sy[threadIdx.y][threadIdx.x] = (r < hi && ql < Q) ? to_acc(y[r * Q + ql]) : A(0);
-    __syncthreads();
+  const int64_t q0 = int64_t(blockIdx.x) * kTile;
+  for (int64_t e = blockIdx.z; e < E; e += gridDim.z) {
+    const ExpertRows rows = expert_rows(offsets, e, M);
+    const int64_t hi = rows.begin + rows.count;
+    for (int64_t p0 = int64_t(blockIdx.y) * kTile; p0 < P; p0 += int64_t(gridDim.y) * kTile) {
+      A acc = 0;
+      for (int64_t r0 = rows.begin; r0 < hi; r0 += kTile) {
+        const int64_t r = r0 + threadIdx.y;
+        const int64_t pl = p0 + threadIdx.x, ql = q0 + threadIdx.x;
+        sx[threadIdx.y][threadIdx.x] = (r < hi && pl < P) ? to_acc(x[r * P + pl]) : A(0);
+        sy[threadIdx.y][threadIdx.x] = (r < hi && ql < Q) ? to_acc(y[r * Q + ql]) : A(0);
+        __syncthreads();
 #pragma unroll
-    for (int rr = 0; rr < kTile; ++rr) acc += sx[rr][threadIdx.y] * sy[rr][threadIdx.x];
-    __syncthreads();
+        for (int rr = 0; rr < kTile; ++rr) acc += sx[rr][threadIdx.y] * sy[rr][threadIdx.x];
+        __syncthreads();
+      }
+      const int64_t p = p0 + threadIdx.y, q = q0 + threadIdx.x;
+      if (p < P && q < Q) out[(e * P + p) * Q + q] = from_acc<T>(acc);
+    }
   }
-  const int64_t p = p0 + threadIdx.y, q = q0 + threadIdx.x;
-  if (p < P && q < Q) out[(e * P + p) * Q + q] = from_acc<T>(acc);
 }
 
 template <typename T>
 cudaError_t launch_simt(const GroupedGemmArgs& g, cudaStream_t stream) {
   const dim3 block(kTile, kTile);
   const int64_t E = g.num_experts;
-  if (E > 65535) return cudaErrorInvalidValue;
+  if (E == 0) return cudaSuccess;
+  const unsigned grid_e = unsigned(std::min<int64_t>(E, 65535));  // the kernels stride over the rest
   if (g.form == Form::kWgradTN) {
     const int64_t P = g.dim_in, Q = g.dim_out;
-    const dim3 grid(unsigned((Q + kTile - 1) / kTile), unsigned((P + kTile - 1) / kTile), unsigned(E));
-    if ((P + kTile - 1) / kTile > 65535) return cudaErrorInvalidValue;
+    const dim3 grid(unsigned((Q + kTile - 1) / kTile), unsigned(std::min<int64_t>((P + kTile - 1) / kTile, 65535)),
+                    grid_e);
     simt_wgrad_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(g.a), static_cast<const T*>(g.b),
-                                                     static_cast<T*>(g.c), g.offsets, g.rows, P, Q);
+                                                     static_cast<T*>(g.c), g.offsets, E, g.rows, P, Q);
   } else {
     const int64_t K = g.dim_in, N = g.dim_out;
     const int64_t row_tiles = std::min<int64_t>((g.rows + kTile - 1) / kTile, 32);
-    const dim3 grid(unsigned((N + kTile - 1) / kTile), unsigned(std::max<int64_t>(row_tiles, 1)), unsigned(E));
+    const dim3 grid(unsigned((N + kTile - 1) / kTile), unsigned(std::max<int64_t>(row_tiles, 1)), grid_e);
     if (g.form == Form::kFwdNT) {
       simt_fwd_kernel<T, true><<<grid, block, 0, stream>>>(static_cast<const T*>(g.a), static_cast<const T*>(g.b),
-                                                           static_cast<T*>(g.c), g.offsets, g.rows, K, N, g.accumulate);
+                                                           static_cast<T*>(g.c), g.offsets, E, g.rows, K, N,
+                                                           g.accumulate);
     } else {
       simt_fwd_kernel<T, false><<<grid, block, 0, stream>>>(static_cast<const T*>(g.a), static_cast<const T*>(g.b),
-                                                            static_cast<T*>(g.c), g.offsets, g.rows, K, N, g.accumulate);
+                                                            static_cast<T*>(g.c), g.offsets, E, g.rows, K, N,
+                                                           g.accumulate);
     }
   }
   return cudaGetLastError();
@@ -186,17 +204,16 @@ cudaError_t grouped_gemm_prefill(void* c, const void* bias, const int64_t* offse
   return cudaGetLastError();
 }
 
-cudaError_t grouped_gemm_zero_empty_experts(void* out, const int64_t* offsets, int64_t E, int64_t PQ,
+cudaError_t grouped_gemm_zero_empty_experts(void* out, const int64_t* offsets, int64_t E, int64_t M, int64_t PQ,
                                             int elem_size, int sm_count, cudaStream_t stream) {
   const int64_t bytes = PQ * elem_size;
   if (E == 0 || bytes == 0) return cudaSuccess;
-  if (E > 65535) return cudaErrorInvalidValue;
   // A few blocks per expert: enough to zero one large expert quickly, few enough that the blocks of
   // non-empty experts (which exit at once) cost little.
   const int64_t per_expert = std::max<int64_t>(1, std::min<int64_t>((bytes + 4095) / 4096,
                                                                      (int64_t(sm_count) * 4 + E - 1) / E));
-  const dim3 grid{unsigned(per_expert), unsigned(E), 1u};
-  zero_empty_kernel<<<grid, 256, 0, stream>>>(static_cast<char*>(out), offsets, bytes);
+  const dim3 grid{unsigned(per_expert), unsigned(std::min<int64_t>(E, 65535)), 1u};
+  zero_empty_kernel<<<grid, 256, 0, stream>>>(static_cast<char*>(out), offsets, E, M, bytes);
   return cudaGetLastError();
 }
 

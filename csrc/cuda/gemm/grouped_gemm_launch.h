@@ -65,9 +65,10 @@ MOE_EXT_DECLARE_GROUPED_GEMM(sm80_fp16_tn)
 cudaError_t grouped_gemm_prefill(void* c, const void* bias, const int64_t* offsets, int64_t E, int64_t M,
                                  int64_t N, int elem_size, int sm_count, cudaStream_t stream);
 
-// Wgrad epilogue-side fix for k = 0: out[e] [P*Q elements] = 0 for every expert with no rows (CUTLASS
-// is handed a 0x0x0 problem for those, so it writes nothing there).
-cudaError_t grouped_gemm_zero_empty_experts(void* out, const int64_t* offsets, int64_t E, int64_t PQ,
+// Wgrad epilogue-side fix for k = 0: out[e] [P*Q elements] = 0 for every expert with no rows once its
+// offsets are clamped to [0, M] (CUTLASS is handed a 0x0x0 problem for exactly those, so it writes
+// nothing there).
+cudaError_t grouped_gemm_zero_empty_experts(void* out, const int64_t* offsets, int64_t E, int64_t M, int64_t PQ,
                                             int elem_size, int sm_count, cudaStream_t stream);
 
 // Simple CUDA-core tiled kernels for what the tensor-core kernels do not take: fp32 (exact fp32, no
