@@ -164,6 +164,10 @@ def bench_grouped_gemm(model, tokens, gemm="up", backward=False, impls=None, dty
     set_bytes = (S * K + E * K * N + (S * N if backward else 0)) * elem
     gen = torch.Generator(device="cuda").manual_seed(seed)
     name = f"{model}.{gemm}.{'fwd+bwd' if backward else 'fwd'}"
+    if dtype == torch.float32:  # fp32 runs exact or as TF32, by torch's switch (docs/grouped_gemm.md)
+        name += ".tf32" if torch.backends.cuda.matmul.allow_tf32 else ".fp32"
+    elif dtype != torch.bfloat16:
+        name += "." + str(dtype).replace("torch.", "")
     shape = f"S={S} K={K} N={N} E={E}"
     rows = []
     try:
@@ -206,7 +210,8 @@ def run(models=None, tokens=None, gemms=GEMMS, backward=(False, True), impls=Non
 
 def main(argv=None):
     """python bench/gemm_kernels.py [--quick] [--out FILE.json]: the issue's goal points (--quick:
-    Mixtral at 8192 tokens forward and forward+backward, and 1/16-token decode) or the full grid."""
+    Mixtral at 8192 tokens forward and forward+backward, 1/16-token decode, and Qwen3-30B-A3B at 4096
+    tokens in bf16, in exact fp32 and in fp32 as TF32) or the full grid."""
     import argparse
     import json
 
@@ -217,6 +222,13 @@ def main(argv=None):
     if a.quick:
         rows = run(models=["mixtral"], tokens=[1, 16, 8192]) + run(models=["qwen3-30b-a3b"], tokens=[4096],
                                                                    backward=(False,))
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:  # fp32 exact, then as TF32 (the loop and dense baselines follow the same switch)
+            for allow in (False, True):
+                torch.backends.cuda.matmul.allow_tf32 = allow
+                rows += run(models=["qwen3-30b-a3b"], tokens=[4096], backward=(False,), dtype=torch.float32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
     else:
         rows = run()
     for r in rows:

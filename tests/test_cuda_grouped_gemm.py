@@ -7,13 +7,14 @@ sync-debug "error" mode, CUDA-graph capture and replay with new group sizes, and
 Accuracy rule (flash-attention's): the kernel's error against the fp32 reference is at most twice the
 error of per-expert torch.matmul in the same dtype, plus a small absolute slack.
 """
+import contextlib
 import math
 import zlib
 
 import pytest
 import torch
 
-import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
+import moe_ext
 
 from conftest import poison_cuda_allocator
 
@@ -247,6 +248,122 @@ def test_wgrad_no_rows():
     poison_cuda_allocator()
     out = ops.grouped_gemm_wgrad(x, y, torch.zeros(5, dtype=torch.int64, device=DEV))
     assert out.shape == (4, 16, 8) and (out == 0).all()
+
+
+# ------------------------------------------------------------------------------------------ fp32 / TF32
+@contextlib.contextmanager
+def allow_tf32(on, api="allow_tf32"):
+    """TF32 for CUDA matmuls on/off through torch's legacy flag, its fp32_precision API, or the float32
+    matmul precision ("high" / "highest")."""
+    m = torch.backends.cuda.matmul
+    if api == "allow_tf32":
+        old, restore = m.allow_tf32, lambda v: setattr(m, "allow_tf32", v)
+        m.allow_tf32 = on
+    elif api == "fp32_precision":
+        old, restore = m.fp32_precision, lambda v: setattr(m, "fp32_precision", v)
+        m.fp32_precision = "tf32" if on else "ieee"
+    else:
+        old, restore = torch.get_float32_matmul_precision(), torch.set_float32_matmul_precision
+        torch.set_float32_matmul_precision("high" if on else "highest")
+    try:
+        yield
+    finally:
+        restore(old)
+
+
+def tf32_kernel_for_this_device():
+    """Whether this build has a TF32 grouped GEMM that runs on the current device (grouped_gemm.md)."""
+    info = moe_ext.build_info()
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) == (9, 0):
+        return info["grouped_gemm"]["tf32_sm90"]
+    return major == 8 and info["grouped_gemm"]["tf32_sm80"] and any(
+        a[0] == "8" and int(a[1]) <= minor for a in info["cuda_archs"])
+
+
+def run_form(form, a, b, offs):
+    if form == "wgrad":
+        return ops.grouped_gemm_wgrad(a, b, offs)
+    return ops.grouped_gemm(a, b, offs, form == "nt")
+
+
+def abs_reference(form, a, b, offs_host):
+    """float64 result and sum_k |a||b| per output element (what rounding the inputs can move it by)."""
+    if form == "wgrad":
+        return ref_wgrad(a, b, offs_host, torch.float64), ref_wgrad(a.abs(), b.abs(), offs_host, torch.float64)
+    nt = form == "nt"
+    return (ref_forward(a, b, offs_host, nt, dtype=torch.float64),
+            ref_forward(a.abs(), b.abs(), offs_host, nt, dtype=torch.float64))
+
+
+TF32_SHAPES = [(1000, 16, 72, 40), (3000, 8, 200, 136), (4096, 64, 256, 384), (300, 6, 36, 20)]  # K, N % 4 == 0
+
+
+@pytest.mark.parametrize("shape", TF32_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("form", ["nn", "nt", "wgrad"])
+def test_fp32_runs_as_tf32_when_torch_allows_it(shape, form):
+    """fp32 takes the TF32 tensor-core kernel exactly when torch.backends.cuda.matmul.allow_tf32 is on.
+    TF32 keeps 10 mantissa bits (CUTLASS rounds to them), so each product may be off by about 2^-10 of
+    |a||b|; the bound allows twice that, plus fp32 accumulation."""
+    if not tf32_kernel_for_this_device():
+        pytest.skip("this build has no TF32 grouped GEMM for this device (fp32 runs exact)")
+    M, E, K, N = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, form, "tf32")).encode()))
+    counts = group_sizes("zipf", M, E, gen)
+    offs_host = make_offsets(counts)
+    offs = offs_host.to(DEV)
+    a = randn(M, K, dtype=torch.float32, gen=gen)
+    if form == "wgrad":
+        b = randn(M, N, dtype=torch.float32, gen=gen)
+        depth = counts.max().item()
+    else:
+        b = randn(E, *((N, K) if form == "nt" else (K, N)), dtype=torch.float32, gen=gen, scale=K ** -0.5)
+        depth = K
+    with allow_tf32(False):
+        exact = run_form(form, a, b, offs)
+    poison_cuda_allocator()
+    with allow_tf32(True):
+        fast = run_form(form, a, b, offs)
+    ref, mag = abs_reference(form, a, b, offs_host)
+    bound = (2.0 ** -9 + depth * 2.0 ** -23) * mag + 1e-30
+    assert torch.isfinite(fast).all()
+    assert ((fast.double() - ref).abs() <= bound).all(), \
+        f"TF32 error {(fast.double() - ref).abs().max().item():.3g} beyond the bound"
+    assert ((exact.double() - ref).abs() <= depth * 2.0 ** -22 * mag + 1e-30).all()  # exact fp32 stays exact
+    # Random fp32 data has low mantissa bits set: the TF32 kernel really ran.
+    assert not torch.equal(fast, exact)
+
+
+@pytest.mark.parametrize("api", ["fp32_precision", "matmul_precision"])
+def test_fp32_follows_every_tf32_api(api):
+    """torch's newer fp32_precision API and set_float32_matmul_precision switch TF32 on and off too (the
+    legacy flag throws once the two APIs are mixed; the op must not)."""
+    gen = torch.Generator().manual_seed(11)
+    offs = make_offsets(group_sizes("uniform", 300, 6, gen)).to(DEV)
+    a = randn(300, 72, dtype=torch.float32, gen=gen)
+    b = randn(6, 72, 40, dtype=torch.float32, gen=gen)
+    with allow_tf32(False, api):
+        exact = ops.grouped_gemm(a, b, offs)
+    with allow_tf32(True, api):
+        fast = ops.grouped_gemm(a, b, offs)
+    with allow_tf32(False, api):
+        assert torch.equal(ops.grouped_gemm(a, b, offs), exact)
+    assert torch.equal(fast, exact) != tf32_kernel_for_this_device()
+
+
+@pytest.mark.parametrize("form", ["nn", "nt", "wgrad"])
+def test_fp32_misaligned_stays_exact_with_tf32_allowed(form):
+    """Rows that break 16-byte alignment (K = 33, N = 17) take the exact CUDA-core kernel either way."""
+    M, E, K, N = 517, 5, 33, 17
+    gen = torch.Generator().manual_seed(7)
+    offs = make_offsets(group_sizes("uniform", M, E, gen)).to(DEV)
+    a = randn(M, K, dtype=torch.float32, gen=gen)
+    b = randn(M, N, dtype=torch.float32, gen=gen) if form == "wgrad" else \
+        randn(E, *((N, K) if form == "nt" else (K, N)), dtype=torch.float32, gen=gen)
+    with allow_tf32(False):
+        exact = run_form(form, a, b, offs)
+    with allow_tf32(True):
+        assert torch.equal(run_form(form, a, b, offs), exact)
 
 
 # ---------------------------------------------------------------------- backward built from the forms

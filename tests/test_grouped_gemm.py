@@ -60,6 +60,21 @@ def test_wgrad_matches_reference(groups):
             assert (out[e] == 0).all()
 
 
+def test_cpu_fp32_ignores_the_cuda_tf32_switch():
+    """torch.backends.cuda.matmul.allow_tf32 is a CUDA setting (docs/ops.md): the CPU stays exact."""
+    off = offsets_from_counts(COUNTS["skewed"])
+    a, b, y = torch.randn(35, 72), torch.randn(7, 72, 40), torch.randn(35, 40)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = moe_ext.grouped_gemm(a, b, off), torch.ops.moe_ext.grouped_gemm_wgrad(a, y, off)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert torch.equal(moe_ext.grouped_gemm(a, b, off), exact[0])
+        assert torch.equal(torch.ops.moe_ext.grouped_gemm_wgrad(a, y, off), exact[1])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def test_noncontiguous_inputs():
     off = offsets_from_counts([3, 0, 4])
     a = torch.randn(7, 10, dtype=torch.float64)

@@ -23,6 +23,26 @@
 #ifndef MOE_EXT_TORCH_VERSION
 #define MOE_EXT_TORCH_VERSION ""
 #endif
+// Which grouped GEMM kernel families were compiled (archs in TORCH_CUDA_ARCH_LIST, CUTLASS found, and
+// the MOE_EXT_DISABLE_SM80 / _SM90 / _FP16 / _TF32 switches).
+#ifndef MOE_EXT_GEMM_SM80
+#define MOE_EXT_GEMM_SM80 0
+#endif
+#ifndef MOE_EXT_GEMM_SM90
+#define MOE_EXT_GEMM_SM90 0
+#endif
+#ifndef MOE_EXT_GEMM_FP16
+#define MOE_EXT_GEMM_FP16 0
+#endif
+#ifndef MOE_EXT_GEMM_TF32_SM80
+#define MOE_EXT_GEMM_TF32_SM80 0
+#endif
+#ifndef MOE_EXT_GEMM_TF32_SM90
+#define MOE_EXT_GEMM_TF32_SM90 0
+#endif
+#ifndef MOE_EXT_GEMM_NOTE
+#define MOE_EXT_GEMM_NOTE ""
+#endif
 
 namespace moe_ext {
 

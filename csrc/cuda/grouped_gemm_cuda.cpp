@@ -2,8 +2,10 @@
 // device guard, current stream, kernel choice, workspace. The kernels are in csrc/cuda/gemm/:
 //   bf16/fp16, sm_90        CUTLASS 3.x pointer-array grouped GEMM (TMA, warp-specialised, wgmma)
 //   bf16/fp16, sm_80..sm_89 CUTLASS 2.x GemmGrouped with device-side scheduling (mma.sync)
-//   fp32 (exact, no tf32), fp64, and 16-bit inputs whose K/N (P/Q) are not multiples of 8 or whose
-//   data is not 16-byte aligned: a simple CUDA-core tiled kernel (correct, slow; see docs/grouped_gemm.md)
+//   fp32, when torch allows TF32 for CUDA matmuls (torch.backends.cuda.matmul.allow_tf32, or
+//                           float32 matmul precision "high"/"medium"): CUTLASS 2.x mma.sync TF32
+//   fp32 otherwise (exact), fp64, and inputs whose K/N (P/Q) break 16-byte alignment or whose data is
+//   not 16-byte aligned: a simple CUDA-core tiled kernel (correct, slow; see docs/grouped_gemm.md)
 // Nothing here reads expert_offsets on the host: per-expert problems are built on the device, so the
 // ops never synchronise and can be captured in CUDA graphs.
 #include <ATen/ATen.h>
@@ -12,6 +14,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <climits>
 #include <cstdint>
@@ -20,21 +23,6 @@
 #include "../common/build_config.h"
 #include "../common/checks.h"
 #include "gemm/grouped_gemm_launch.h"
-
-// Which kernel families CMakeLists.txt compiled (archs in TORCH_CUDA_ARCH_LIST, CUTLASS found, and the
-// MOE_EXT_DISABLE_SM80 / MOE_EXT_DISABLE_SM90 / MOE_EXT_DISABLE_FP16 switches).
-#ifndef MOE_EXT_GEMM_SM80
-#define MOE_EXT_GEMM_SM80 0
-#endif
-#ifndef MOE_EXT_GEMM_SM90
-#define MOE_EXT_GEMM_SM90 0
-#endif
-#ifndef MOE_EXT_GEMM_FP16
-#define MOE_EXT_GEMM_FP16 0
-#endif
-#ifndef MOE_EXT_GEMM_NOTE
-#define MOE_EXT_GEMM_NOTE ""
-#endif
 
 namespace moe_ext {
 namespace {
@@ -66,6 +54,14 @@ std::string device_desc(const cudaDeviceProp& p) {
   return std::string(p.name) + " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + ")";
 }
 
+// Whether the build has SASS that runs on an sm_8<minor> device: some 8y with y <= minor (sm_8y code
+// runs on sm_8z for z >= y; the grouped GEMM files carry no PTX).
+bool built_for_sm8x(int minor) {
+  for (const auto& a : build_cuda_archs())
+    if (a.size() >= 2 && a[0] == '8' && a[1] >= '0' && a[1] - '0' <= minor) return true;
+  return false;
+}
+
 std::string compiled_archs() {
   std::string s = "[";
   for (const auto& a : build_cuda_archs()) s += (s.size() > 1 ? ", " : "") + a;
@@ -83,7 +79,7 @@ KernelFns find_cutlass_kernel(const char* op, const cudaDeviceProp& prop, at::Sc
               ": the float16 grouped GEMM kernels were compiled out (MOE_EXT_DISABLE_FP16=1 at build time). "
               "Use bfloat16 inputs, or rebuild without MOE_EXT_DISABLE_FP16");
   const bool sm90 = prop.major == 9 && prop.minor == 0;
-  const bool sm8x = prop.major == 8;
+  const bool sm8x = prop.major == 8 && built_for_sm8x(prop.minor);
   if (sm90) {
 #if MOE_EXT_GEMM_SM90
     switch (form) {
@@ -110,7 +106,43 @@ KernelFns find_cutlass_kernel(const char* op, const cudaDeviceProp& prop, at::Sc
   return {};
 }
 
+// Whether torch allows TF32 for fp32 CUDA matmuls. The fp32_precision API and the legacy allow_tf32 /
+// set_float32_matmul_precision both land in float32Precision(CUDA, MATMUL); allowTF32CuBLAS() throws
+// once the two APIs have been mixed, so it is only the fallback for torch before 2.11.
+bool torch_allows_tf32() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 11)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#else
+  try {
+    return at::globalContext().allowTF32CuBLAS();
+  } catch (const c10::Error&) {
+    return false;
+  }
+#endif
+}
+
+// fp32 as TF32: only where torch allows TF32 for CUDA matmuls and this build has the kernel for the
+// device. Empty otherwise, and the exact CUDA-core kernel runs: TF32 is a speed-up, never an error.
+KernelFns find_tf32_kernel(const cudaDeviceProp& prop, Form form) {
+  const bool built = (prop.major == 9 && prop.minor == 0)
+                         ? MOE_EXT_GEMM_TF32_SM90
+                         : (prop.major == 8 && MOE_EXT_GEMM_TF32_SM80 && built_for_sm8x(prop.minor));
+  if (!built || !torch_allows_tf32()) return {};
+#if MOE_EXT_GEMM_TF32_SM80 || MOE_EXT_GEMM_TF32_SM90
+  switch (form) {
+    case Form::kFwdNN: return MOE_EXT_KERNEL_FNS(tf32_nn);
+    case Form::kFwdNT: return MOE_EXT_KERNEL_FNS(tf32_nt);
+    case Form::kWgradTN: return MOE_EXT_KERNEL_FNS(tf32_tn);
+  }
+#endif
+  return {};
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Whether a row of `n` elements of `elem` bytes keeps 16-byte accesses 16-byte aligned.
+bool rows16(int64_t n, int64_t elem) { return (n * elem) % 16 == 0; }
 
 // Which of the simple kernel's dtype codes (grouped_gemm_launch.h).
 int simt_dtype(at::ScalarType d) {
@@ -122,24 +154,28 @@ int simt_dtype(at::ScalarType d) {
   }
 }
 
-// Runs the grouped GEMM described by `args` on the current stream: CUTLASS when the dtype is 16-bit
-// and the layout meets its 16-byte alignment, the simple kernel otherwise.
-void run_grouped(const char* op, GroupedGemmArgs& args, at::ScalarType dtype, bool cutlass_ok,
+// Runs the grouped GEMM described by `args` on the current stream and says whether CUTLASS ran it:
+// CUTLASS when the layout meets its 16-byte alignment and the dtype is 16-bit, or fp32 with TF32
+// allowed; the simple kernel otherwise.
+bool run_grouped(const char* op, GroupedGemmArgs& args, at::ScalarType dtype, bool cutlass_ok,
                  const at::Tensor& like, cudaStream_t stream) {
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  if (!half || !cutlass_ok) {
+  const cudaDeviceProp& prop = *at::cuda::getDeviceProperties(args.device);
+  KernelFns k;
+  if (cutlass_ok && dtype == at::kFloat) k = find_tf32_kernel(prop, args.form);
+  if (cutlass_ok && half) k = find_cutlass_kernel(op, prop, dtype, args.form);
+  if (k.run == nullptr) {
     C10_CUDA_CHECK(gemm::grouped_gemm_simt(args, simt_dtype(dtype), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    return false;
   }
-  const cudaDeviceProp& prop = *at::cuda::getDeviceProperties(args.device);
-  const KernelFns k = find_cutlass_kernel(op, prop, dtype, args.form);
   const size_t bytes = k.workspace(args);
   auto ws = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
   const char* err = k.run(args, ws.data_ptr(), bytes, stream);
   TORCH_CHECK(err == nullptr, "moe_ext.", op, ": CUTLASS grouped GEMM (", form_name(args.form), ", ", dtype,
-              ", ", device_desc(prop), ") failed: ", err);
+              dtype == at::kFloat ? " as TF32" : "", ", ", device_desc(prop), ") failed: ", err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets,
@@ -190,7 +226,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at:
   args.accumulate = bias_c.has_value();
   args.sm_count = sm_count;
   args.device = dev;
-  const bool cutlass_ok = K % 8 == 0 && N % 8 == 0 && aligned16(a_c) && aligned16(b_c) && aligned16(c) &&
+  const bool cutlass_ok = rows16(K, elem) && rows16(N, elem) && aligned16(a_c) && aligned16(b_c) && aligned16(c) &&
                           M <= INT_MAX && K <= INT_MAX && N <= INT_MAX && E <= INT_MAX;
   run_grouped(op, args, a.scalar_type(), cutlass_ok, a, stream);
   return c;
@@ -225,11 +261,10 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& x, const at::Tensor& y, con
   args.accumulate = false;
   args.sm_count = sm_count;
   args.device = dev;
-  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  const bool cutlass_ok = P % 8 == 0 && Q % 8 == 0 && aligned16(x_c) && aligned16(y_c) && aligned16(out) &&
+  const int64_t elem = x.element_size();
+  const bool cutlass_ok = rows16(P, elem) && rows16(Q, elem) && aligned16(x_c) && aligned16(y_c) && aligned16(out) &&
                           M <= INT_MAX && P <= INT_MAX && Q <= INT_MAX && E <= INT_MAX;
-  run_grouped(op, args, x.scalar_type(), cutlass_ok, x, stream);
-  if (half && cutlass_ok) {
+  if (run_grouped(op, args, x.scalar_type(), cutlass_ok, x, stream)) {
     // CUTLASS got 0x0x0 problems for experts without rows (k = 0 is mishandled, cutlass PR #1593);
     // their gradient is zero. The simple kernel writes those zeros itself.
     C10_CUDA_CHECK(gemm::grouped_gemm_zero_empty_experts(out.data_ptr(), offs.data_ptr<int64_t>(), E, M, P * Q,

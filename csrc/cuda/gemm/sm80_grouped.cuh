@@ -1,6 +1,7 @@
-// CUTLASS 2.x grouped GEMM for sm_80..sm_89 (GemmGrouped, device-side scheduling: each persistent CTA
+// CUTLASS 2.x grouped GEMM with mma.sync (GemmGrouped, device-side scheduling: each persistent CTA
 // walks the problem list on the device, so no host precomputation and no workspace beyond our arrays).
-// Included by exactly one .cu per (dtype, layout); see MOE_EXT_SM80_GROUPED_GEMM at the bottom.
+// bf16/fp16 for sm_80..sm_89, and fp32 inputs as TF32 (float elements: mma.sync m16n8k8 .tf32, which
+// also runs on sm_90). Included by exactly one .cu per (dtype, layout); see MOE_EXT_SM80_GROUPED_GEMM.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,6 +20,21 @@
 namespace moe_ext {
 namespace gemm {
 
+// Tiles per element type: 16-bit as CUTLASS's Ampere bf16/fp16 defaults; float (TF32) as its
+// Ampere TF32 example (14_ampere_tf32_tensorop_gemm). Both use 64 KiB of shared memory in 4 stages.
+template <typename Element>
+struct Sm80Tiles {
+  using Threadblock = cutlass::gemm::GemmShape<128, 128, 32>;
+  using Warp = cutlass::gemm::GemmShape<64, 64, 32>;       // 4 warps
+  using Instruction = cutlass::gemm::GemmShape<16, 8, 16>;  // mma.sync m16n8k16
+};
+template <>
+struct Sm80Tiles<float> {
+  using Threadblock = cutlass::gemm::GemmShape<128, 128, 16>;
+  using Warp = cutlass::gemm::GemmShape<64, 64, 16>;      // 4 warps
+  using Instruction = cutlass::gemm::GemmShape<16, 8, 8>;  // mma.sync m16n8k8 .tf32
+};
+
 template <typename Element, Form kForm>
 struct Sm80Grouped {
   using RowMajor = cutlass::layout::RowMajor;
@@ -28,19 +44,18 @@ struct Sm80Grouped {
   using LayoutA = std::conditional_t<kForm == Form::kWgradTN, ColumnMajor, RowMajor>;
   using LayoutB = std::conditional_t<kForm == Form::kFwdNT, ColumnMajor, RowMajor>;
   using LayoutC = RowMajor;
-  static constexpr int kAlignment = 8;  // 16 bytes of 16-bit elements
+  static constexpr int kAlignment = 16 / int(sizeof(Element));  // 16-byte accesses
   using EpilogueOp = cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>;
+  using Tiles = Sm80Tiles<Element>;
   using GemmKernel = typename cutlass::gemm::kernel::DefaultGemmGrouped<
       Element, LayoutA, cutlass::ComplexTransform::kNone, kAlignment,
       Element, LayoutB, cutlass::ComplexTransform::kNone, kAlignment,
       Element, LayoutC, float,
       cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-      cutlass::gemm::GemmShape<128, 128, 32>,  // threadblock tile
-      cutlass::gemm::GemmShape<64, 64, 32>,    // warp tile (4 warps)
-      cutlass::gemm::GemmShape<16, 8, 16>,     // mma.sync m16n8k16
+      typename Tiles::Threadblock, typename Tiles::Warp, typename Tiles::Instruction,
       EpilogueOp,
       cutlass::gemm::threadblock::GemmBatchedIdentityThreadblockSwizzle,  // unused by grouped kernels
-      4,                                       // pipeline stages (64 KiB of shared memory)
+      4,                                       // pipeline stages
       cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly>::GemmKernel;
   using Gemm = cutlass::gemm::device::GemmGrouped<GemmKernel>;
 
