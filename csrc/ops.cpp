@@ -53,6 +53,8 @@ PYBIND11_MODULE(_C, m) {
     gemm["fp16"] = MOE_EXT_GEMM_FP16 != 0;
     gemm["tf32_sm80"] = MOE_EXT_GEMM_TF32_SM80 != 0;
     gemm["tf32_sm90"] = MOE_EXT_GEMM_TF32_SM90 != 0;
+    gemm["f32_sm80"] = MOE_EXT_GEMM_F32_SM80 != 0;
+    gemm["f32_sm90"] = MOE_EXT_GEMM_F32_SM90 != 0;
     info["grouped_gemm"] = gemm;
     return info;
   }, "How this build of moe_ext was compiled: CUDA on/off, archs, CUTLASS version, torch version, "

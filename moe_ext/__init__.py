@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 def build_info() -> dict:
     """How this build was compiled: {"cuda": bool, "cuda_archs": [...], "cutlass": str | None,
     "cuda_version": str, "torch": str (the torch it was built against), "version": str,
-    "grouped_gemm": {"sm80", "sm90", "fp16", "tf32_sm80", "tf32_sm90": bool}} (the CUDA grouped GEMM
-    kernel families compiled in; see docs/grouped_gemm.md)."""
+    "grouped_gemm": {"sm80", "sm90", "fp16", "tf32_sm80", "tf32_sm90", "f32_sm80", "f32_sm90": bool}}
+    (the CUDA grouped GEMM kernel families compiled in; see docs/grouped_gemm.md)."""
     info = _C.build_info()
     info["version"] = __version__
     return info

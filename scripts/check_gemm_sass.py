@@ -3,10 +3,11 @@
 
 On the built moe_ext/_C*.so, with cuobjdump (from the CUDA toolkit, or the copy inside Triton's wheel):
   * every sm_90a CUTLASS 3.x grouped GEMM (GemmUniversal over GroupProblemShape) contains HGMMA (wgmma);
-  * every CUTLASS 2.x grouped GEMM (GemmGrouped: the sm_8x bf16/fp16 ones, and the TF32 ones on sm_8x
-    and sm_90a) contains HMMA (mma.sync);
+  * every CUTLASS 2.x tensor-op grouped GEMM (GemmGrouped: the sm_8x bf16/fp16 ones, and the TF32 ones
+    on sm_8x and sm_90a) contains HMMA (mma.sync), and every SIMT one (exact fp32, warp MmaSimt)
+    contains FFMA;
   * each arch's kernel file was compiled for its own arch only (sm80_*.cu -> sm_8x, sm90_*.cu -> sm_90a,
-    tf32_*.cu -> sm_8x or sm_90a);
+    tf32_*.cu and f32_*.cu -> sm_8x or sm_90a);
   * no moe_ext grouped GEMM function (those, and the helpers in csrc/cuda/gemm) uses local memory
     (`--dump-resource-usage` LOCAL:0, i.e. no register spills, no stack arrays).
 Archs that the build has no code for are reported and skipped; the check fails when no grouped GEMM
@@ -26,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Mangled-name markers.
 SM90_GEMM = "GroupProblemShape"           # cutlass::gemm::kernel::GemmUniversal<GroupProblemShape<...>, ...>
 SM80_GEMM = "GemmGrouped"                 # cutlass::Kernel<cutlass::gemm::kernel::GemmGrouped<...>>
+SIMT_WARP = "MmaSimt"                     # cutlass::gemm::warp::MmaSimt<...>: the exact fp32 kernels
 OURS = ("moe_ext4gemm", "GroupProblemShape", "GemmGrouped")  # our helpers live in moe_ext::gemm
 
 
@@ -112,9 +114,9 @@ def main(argv):
     failures, found = [], 0
     for stem, arch in elfs:  # per-file arch: no kernel compiled for an arch it cannot use
         if ((stem.startswith("sm80_") and not arch.startswith("sm_8")) or (stem.startswith("sm90_") and arch != "sm_90a")
-                or (stem.startswith("tf32_") and not (arch.startswith("sm_8") or arch == "sm_90a"))):
+                or (stem.startswith(("tf32_", "f32_")) and not (arch.startswith("sm_8") or arch == "sm_90a"))):
             failures.append(f"{stem} was compiled for {arch} (expected only its own arch)")
-    gemm_files = sorted(f"{s_}:{a}" for s_, a in elfs if s_.startswith(("sm80_", "sm90_", "tf32_")))
+    gemm_files = sorted(f"{s_}:{a}" for s_, a in elfs if s_.startswith(("sm80_", "sm90_", "tf32_", "f32_")))
     print(f"grouped GEMM cubins: {', '.join(gemm_files) or 'none'}")
     for arch in archs:
         funcs = sass_functions(cuobjdump, so, arch)
@@ -124,9 +126,12 @@ def main(argv):
             kinds.append((SM90_GEMM, "HGMMA"))
         if arch.startswith("sm_8") or arch == "sm_90a":
             kinds.append((SM80_GEMM, "HMMA"))
-        gemms = [(f, instr) for marker, instr in kinds for f in funcs if marker in f]
+        gemms = [(f, "FFMA" if instr == "HMMA" and SIMT_WARP in f else instr)
+                 for marker, instr in kinds for f in funcs if marker in f]
         found += len(gemms)
         expect = " or ".join(f"{i} in {m}" for m, i in kinds) or "-"
+        if any(SIMT_WARP in f for f, _ in gemms):
+            expect += f" (FFMA in the {SIMT_WARP} ones)"
         print(f"\n[{arch}] {len(gemms)} grouped GEMM kernel(s), expect {expect}")
         for f, instr in gemms:
             n = len(re.findall(r"\b" + instr + r"\b", funcs[f]))

@@ -208,13 +208,15 @@ def test_build_info():
     if info["cuda"]:
         assert info["cuda_archs"], info
     gemm = info["grouped_gemm"]
-    assert set(gemm) == {"sm80", "sm90", "fp16", "tf32_sm80", "tf32_sm90"}
+    assert set(gemm) == {"sm80", "sm90", "fp16", "tf32_sm80", "tf32_sm90", "f32_sm80", "f32_sm90"}
     assert all(isinstance(v, bool) for v in gemm.values())
     if info["cutlass"] is None:  # every CUTLASS kernel family needs it
         assert not any(gemm.values()), info
     archs = info["cuda_archs"]
     assert gemm["sm90"] <= ("90a" in archs) and gemm["tf32_sm90"] <= ("90a" in archs)
     assert gemm["tf32_sm80"] <= any(a.startswith("8") for a in archs)
+    assert gemm["f32_sm80"] == (info["cutlass"] is not None and any(a.startswith("8") for a in archs))
+    assert gemm["f32_sm90"] == (info["cutlass"] is not None and "90a" in archs)
 
 
 def test_cpu_results_do_not_depend_on_thread_count():

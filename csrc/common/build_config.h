@@ -40,6 +40,12 @@
 #ifndef MOE_EXT_GEMM_TF32_SM90
 #define MOE_EXT_GEMM_TF32_SM90 0
 #endif
+#ifndef MOE_EXT_GEMM_F32_SM80
+#define MOE_EXT_GEMM_F32_SM80 0
+#endif
+#ifndef MOE_EXT_GEMM_F32_SM90
+#define MOE_EXT_GEMM_F32_SM90 0
+#endif
 #ifndef MOE_EXT_GEMM_NOTE
 #define MOE_EXT_GEMM_NOTE ""
 #endif

@@ -2,10 +2,10 @@
 // device guard, current stream, kernel choice, workspace. The kernels are in csrc/cuda/gemm/:
 //   bf16/fp16, sm_90        CUTLASS 3.x pointer-array grouped GEMM (TMA, warp-specialised, wgmma)
 //   bf16/fp16, sm_80..sm_89 CUTLASS 2.x GemmGrouped with device-side scheduling (mma.sync)
-//   fp32, when torch allows TF32 for CUDA matmuls (torch.backends.cuda.matmul.allow_tf32, or
-//                           float32 matmul precision "high"/"medium"): CUTLASS 2.x mma.sync TF32
-//   fp32 otherwise (exact), fp64, and inputs whose K/N (P/Q) break 16-byte alignment or whose data is
-//   not 16-byte aligned: a simple CUDA-core tiled kernel (correct, slow; see docs/grouped_gemm.md)
+//   fp32, sm_80..sm_90      CUTLASS 2.x: mma.sync TF32 when torch allows TF32 for CUDA matmuls and the
+//                           rows are 16-byte aligned, exact SIMT FFMA otherwise
+//   fp64, 16-bit inputs whose K/N (P/Q) or data break 16-byte alignment, and fp32 without a CUTLASS
+//   kernel for the device: a simple CUDA-core tiled kernel (correct, slow; see docs/grouped_gemm.md)
 // Nothing here reads expert_offsets on the host: per-expert problems are built on the device, so the
 // ops never synchronise and can be captured in CUDA graphs.
 #include <ATen/ATen.h>
@@ -35,9 +35,11 @@ using RunFn = const char* (*)(const GroupedGemmArgs&, void*, size_t, cudaStream_
 struct KernelFns {
   WorkspaceFn workspace = nullptr;
   RunFn run = nullptr;
+  const char* name = "";
 };
 
-#define MOE_EXT_KERNEL_FNS(NAME) KernelFns{&gemm::grouped_gemm_##NAME##_workspace, &gemm::grouped_gemm_##NAME##_run}
+#define MOE_EXT_KERNEL_FNS(NAME) \
+  KernelFns{&gemm::grouped_gemm_##NAME##_workspace, &gemm::grouped_gemm_##NAME##_run, #NAME}
 // The fp16 kernels are not linked in when MOE_EXT_DISABLE_FP16 compiled them out (find_cutlass_kernel
 // refuses fp16 before it gets here), so they must not be referenced either, even from a dead branch.
 #if MOE_EXT_GEMM_FP16
@@ -122,20 +124,34 @@ bool torch_allows_tf32() {
 #endif
 }
 
-// fp32 as TF32: only where torch allows TF32 for CUDA matmuls and this build has the kernel for the
-// device. Empty otherwise, and the exact CUDA-core kernel runs: TF32 is a speed-up, never an error.
-KernelFns find_tf32_kernel(const cudaDeviceProp& prop, Form form) {
-  const bool built = (prop.major == 9 && prop.minor == 0)
-                         ? MOE_EXT_GEMM_TF32_SM90
-                         : (prop.major == 8 && MOE_EXT_GEMM_TF32_SM80 && built_for_sm8x(prop.minor));
-  if (!built || !torch_allows_tf32()) return {};
+// The fp32 CUTLASS kernels are compiled for every 8.x and 9.0a arch of the build (no PTX).
+bool fp32_kernel_runs_on(const cudaDeviceProp& prop, bool built_sm80, bool built_sm90) {
+  if (prop.major == 9 && prop.minor == 0) return built_sm90;
+  return prop.major == 8 && built_sm80 && built_for_sm8x(prop.minor);
+}
+
+// fp32: TF32 where torch allows TF32 for CUDA matmuls and the rows are 16-byte aligned, exact SIMT
+// otherwise. Empty when the build has no fp32 kernel for the device (no CUTLASS, another arch): the
+// simple kernel runs then. TF32 is a speed-up, never an error.
+KernelFns find_fp32_kernel(const cudaDeviceProp& prop, Form form, bool aligned) {
+  if (aligned && fp32_kernel_runs_on(prop, MOE_EXT_GEMM_TF32_SM80, MOE_EXT_GEMM_TF32_SM90) && torch_allows_tf32()) {
 #if MOE_EXT_GEMM_TF32_SM80 || MOE_EXT_GEMM_TF32_SM90
-  switch (form) {
-    case Form::kFwdNN: return MOE_EXT_KERNEL_FNS(tf32_nn);
-    case Form::kFwdNT: return MOE_EXT_KERNEL_FNS(tf32_nt);
-    case Form::kWgradTN: return MOE_EXT_KERNEL_FNS(tf32_tn);
-  }
+    switch (form) {
+      case Form::kFwdNN: return MOE_EXT_KERNEL_FNS(tf32_nn);
+      case Form::kFwdNT: return MOE_EXT_KERNEL_FNS(tf32_nt);
+      case Form::kWgradTN: return MOE_EXT_KERNEL_FNS(tf32_tn);
+    }
 #endif
+  }
+  if (fp32_kernel_runs_on(prop, MOE_EXT_GEMM_F32_SM80, MOE_EXT_GEMM_F32_SM90)) {
+#if MOE_EXT_GEMM_F32_SM80 || MOE_EXT_GEMM_F32_SM90
+    switch (form) {
+      case Form::kFwdNN: return MOE_EXT_KERNEL_FNS(f32_nn);
+      case Form::kFwdNT: return MOE_EXT_KERNEL_FNS(f32_nt);
+      case Form::kWgradTN: return MOE_EXT_KERNEL_FNS(f32_tn);
+    }
+#endif
+  }
   return {};
 }
 
@@ -155,15 +171,15 @@ int simt_dtype(at::ScalarType d) {
 }
 
 // Runs the grouped GEMM described by `args` on the current stream and says whether CUTLASS ran it:
-// CUTLASS when the layout meets its 16-byte alignment and the dtype is 16-bit, or fp32 with TF32
-// allowed; the simple kernel otherwise.
-bool run_grouped(const char* op, GroupedGemmArgs& args, at::ScalarType dtype, bool cutlass_ok,
+// CUTLASS for 16-bit inputs whose rows and data are 16-byte aligned, and for fp32 (any layout);
+// the simple kernel otherwise. `fits` says whether every size fits CUTLASS's int32 problem shapes.
+bool run_grouped(const char* op, GroupedGemmArgs& args, at::ScalarType dtype, bool aligned, bool fits,
                  const at::Tensor& like, cudaStream_t stream) {
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   const cudaDeviceProp& prop = *at::cuda::getDeviceProperties(args.device);
   KernelFns k;
-  if (cutlass_ok && dtype == at::kFloat) k = find_tf32_kernel(prop, args.form);
-  if (cutlass_ok && half) k = find_cutlass_kernel(op, prop, dtype, args.form);
+  if (fits && dtype == at::kFloat) k = find_fp32_kernel(prop, args.form, aligned);
+  if (fits && aligned && half) k = find_cutlass_kernel(op, prop, dtype, args.form);
   if (k.run == nullptr) {
     C10_CUDA_CHECK(gemm::grouped_gemm_simt(args, simt_dtype(dtype), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -172,8 +188,8 @@ bool run_grouped(const char* op, GroupedGemmArgs& args, at::ScalarType dtype, bo
   const size_t bytes = k.workspace(args);
   auto ws = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
   const char* err = k.run(args, ws.data_ptr(), bytes, stream);
-  TORCH_CHECK(err == nullptr, "moe_ext.", op, ": CUTLASS grouped GEMM (", form_name(args.form), ", ", dtype,
-              dtype == at::kFloat ? " as TF32" : "", ", ", device_desc(prop), ") failed: ", err);
+  TORCH_CHECK(err == nullptr, "moe_ext.", op, ": CUTLASS grouped GEMM ", k.name, " (", form_name(args.form), ", ",
+              dtype, ", ", device_desc(prop), ") failed: ", err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
@@ -226,9 +242,9 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at:
   args.accumulate = bias_c.has_value();
   args.sm_count = sm_count;
   args.device = dev;
-  const bool cutlass_ok = rows16(K, elem) && rows16(N, elem) && aligned16(a_c) && aligned16(b_c) && aligned16(c) &&
-                          M <= INT_MAX && K <= INT_MAX && N <= INT_MAX && E <= INT_MAX;
-  run_grouped(op, args, a.scalar_type(), cutlass_ok, a, stream);
+  const bool aligned = rows16(K, elem) && rows16(N, elem) && aligned16(a_c) && aligned16(b_c) && aligned16(c);
+  const bool fits = M <= INT_MAX && K <= INT_MAX && N <= INT_MAX && E <= INT_MAX;
+  run_grouped(op, args, a.scalar_type(), aligned, fits, a, stream);
   return c;
 }
 
@@ -262,9 +278,9 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& x, const at::Tensor& y, con
   args.sm_count = sm_count;
   args.device = dev;
   const int64_t elem = x.element_size();
-  const bool cutlass_ok = rows16(P, elem) && rows16(Q, elem) && aligned16(x_c) && aligned16(y_c) && aligned16(out) &&
-                          M <= INT_MAX && P <= INT_MAX && Q <= INT_MAX && E <= INT_MAX;
-  if (run_grouped(op, args, x.scalar_type(), cutlass_ok, x, stream)) {
+  const bool aligned = rows16(P, elem) && rows16(Q, elem) && aligned16(x_c) && aligned16(y_c) && aligned16(out);
+  const bool fits = M <= INT_MAX && P <= INT_MAX && Q <= INT_MAX && E <= INT_MAX;
+  if (run_grouped(op, args, x.scalar_type(), aligned, fits, x, stream)) {
     // CUTLASS got 0x0x0 problems for experts without rows (k = 0 is mishandled, cutlass PR #1593);
     // their gradient is zero. The simple kernel writes those zeros itself.
     C10_CUDA_CHECK(gemm::grouped_gemm_zero_empty_experts(out.data_ptr(), offs.data_ptr<int64_t>(), E, M, P * Q,

@@ -59,6 +59,9 @@ MOE_EXT_DECLARE_GROUPED_GEMM(sm80_fp16_tn)
 MOE_EXT_DECLARE_GROUPED_GEMM(tf32_nn)  // fp32 inputs as TF32, mma.sync: every arch >= 8.0 of the build
 MOE_EXT_DECLARE_GROUPED_GEMM(tf32_nt)
 MOE_EXT_DECLARE_GROUPED_GEMM(tf32_tn)
+MOE_EXT_DECLARE_GROUPED_GEMM(f32_nn)   // exact fp32, SIMT FFMA: every arch >= 8.0 of the build
+MOE_EXT_DECLARE_GROUPED_GEMM(f32_nt)
+MOE_EXT_DECLARE_GROUPED_GEMM(f32_tn)
 
 // ---- helpers in grouped_gemm_aux.cu (compiled for every arch of the build, no CUTLASS) ----
 // Element sizes are in bytes (2: fp16/bf16, 4: fp32, 8: fp64); these kernels only move bits.
@@ -74,9 +77,9 @@ cudaError_t grouped_gemm_prefill(void* c, const void* bias, const int64_t* offse
 cudaError_t grouped_gemm_zero_empty_experts(void* out, const int64_t* offsets, int64_t E, int64_t M, int64_t PQ,
                                             int elem_size, int sm_count, cudaStream_t stream);
 
-// Simple CUDA-core tiled kernels for what the tensor-core kernels do not take: fp32 when TF32 is not
-// allowed (exact fp32) or its sizes break 16-byte alignment, fp64, and 16-bit inputs whose sizes break
-// CUTLASS's 16-byte alignment (K, N, P or Q not a multiple of 8). fp32 accumulation (fp64 for fp64).
+// Simple CUDA-core tiled kernels for what the CUTLASS kernels do not take: fp64, 16-bit inputs whose
+// sizes break CUTLASS's 16-byte alignment (K, N, P or Q not a multiple of 8), and fp32 in a build
+// without CUTLASS (or on a device it has no fp32 kernel for). fp32 accumulation (fp64 for fp64).
 // dtype: 0 fp32, 1 fp64, 2 fp16, 3 bf16.
 // Forward writes only the rows of experts (adds to a prefill when accumulate); wgrad writes all of out.
 cudaError_t grouped_gemm_simt(const GroupedGemmArgs& args, int dtype, cudaStream_t stream);

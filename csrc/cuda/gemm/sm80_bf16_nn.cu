@@ -1,4 +1,4 @@
 // CUTLASS 2.x grouped GEMM, sm_80..sm_89, bf16, forward, b [E,K,N]. One instantiation per file (compile time).
 #include "sm80_grouped.cuh"
 
-MOE_EXT_SM80_GROUPED_GEMM(sm80_bf16_nn, cutlass::bfloat16_t, moe_ext::gemm::Form::kFwdNN)
+MOE_EXT_SM80_GROUPED_GEMM(sm80_bf16_nn, cutlass::bfloat16_t, moe_ext::gemm::Form::kFwdNN, moe_ext::gemm::Math::kTensorOp)

@@ -1,7 +1,9 @@
-// CUTLASS 2.x grouped GEMM with mma.sync (GemmGrouped, device-side scheduling: each persistent CTA
-// walks the problem list on the device, so no host precomputation and no workspace beyond our arrays).
-// bf16/fp16 for sm_80..sm_89, and fp32 inputs as TF32 (float elements: mma.sync m16n8k8 .tf32, which
-// also runs on sm_90). Included by exactly one .cu per (dtype, layout); see MOE_EXT_SM80_GROUPED_GEMM.
+// CUTLASS 2.x grouped GEMM (GemmGrouped, device-side scheduling: each persistent CTA walks the problem
+// list on the device, so no host precomputation and no workspace beyond our arrays), in three kinds:
+//   kTensorOp, 16-bit elements: bf16/fp16 mma.sync m16n8k16, sm_80..sm_89;
+//   kTensorOp, float elements:  fp32 inputs as TF32, mma.sync m16n8k8 .tf32 (also runs on sm_90);
+//   kSimt, float elements:      exact fp32 FFMA on CUDA cores with cp.async pipelining (sm_80..sm_90).
+// Included by exactly one .cu per (kind, dtype, layout); see MOE_EXT_SM80_GROUPED_GEMM at the bottom.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,60 +22,53 @@
 namespace moe_ext {
 namespace gemm {
 
-// Tiles per element type: 16-bit as CUTLASS's Ampere bf16/fp16 defaults; float (TF32) as its
-// Ampere TF32 example (14_ampere_tf32_tensorop_gemm). Both use 64 KiB of shared memory in 4 stages.
-template <typename Element>
+enum class Math { kTensorOp, kSimt };
+
+// Tiles per (element, math): 16-bit as CUTLASS's Ampere bf16/fp16 defaults, TF32 as its Ampere TF32
+// example (14_ampere_tf32_tensorop_gemm), both 64 KiB of shared memory in 4 stages; SIMT fp32 as its
+// sm80 SGEMM configurations (128x128x8, 8 warps of 32x64), 32 KiB in 4 stages. Tensor ops move 16
+// bytes per access (rows must be 16-byte aligned); SIMT moves single elements (any layout).
+template <typename Element, Math kMath>
 struct Sm80Tiles {
+  using OpClass = cutlass::arch::OpClassTensorOp;
   using Threadblock = cutlass::gemm::GemmShape<128, 128, 32>;
   using Warp = cutlass::gemm::GemmShape<64, 64, 32>;       // 4 warps
   using Instruction = cutlass::gemm::GemmShape<16, 8, 16>;  // mma.sync m16n8k16
+  static constexpr int kAlignment = 16 / int(sizeof(Element));
 };
 template <>
-struct Sm80Tiles<float> {
+struct Sm80Tiles<float, Math::kTensorOp> {
+  using OpClass = cutlass::arch::OpClassTensorOp;
   using Threadblock = cutlass::gemm::GemmShape<128, 128, 16>;
   using Warp = cutlass::gemm::GemmShape<64, 64, 16>;      // 4 warps
   using Instruction = cutlass::gemm::GemmShape<16, 8, 8>;  // mma.sync m16n8k8 .tf32
+  static constexpr int kAlignment = 4;
+};
+template <>
+struct Sm80Tiles<float, Math::kSimt> {
+  using OpClass = cutlass::arch::OpClassSimt;
+  using Threadblock = cutlass::gemm::GemmShape<128, 128, 8>;
+  using Warp = cutlass::gemm::GemmShape<32, 64, 8>;      // 8 warps
+  using Instruction = cutlass::gemm::GemmShape<1, 1, 1>;  // FFMA
+  static constexpr int kAlignment = 1;
 };
 
-template <typename Element, Form kForm>
-struct Sm80Grouped {
-  using RowMajor = cutlass::layout::RowMajor;
-  using ColumnMajor = cutlass::layout::ColumnMajor;
-  // fwd NN: A [m,K] row-major, B [K,N] row-major; fwd NT: B is b[e] [N,K] read as a column-major
-  // [K,N]; wgrad TN: A = x_e^T, a column-major [P,m] view of x_e [m,P].
-  using LayoutA = std::conditional_t<kForm == Form::kWgradTN, ColumnMajor, RowMajor>;
-  using LayoutB = std::conditional_t<kForm == Form::kFwdNT, ColumnMajor, RowMajor>;
-  using LayoutC = RowMajor;
-  static constexpr int kAlignment = 16 / int(sizeof(Element));  // 16-byte accesses
-  using EpilogueOp = cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>;
-  using Tiles = Sm80Tiles<Element>;
-  using GemmKernel = typename cutlass::gemm::kernel::DefaultGemmGrouped<
-      Element, LayoutA, cutlass::ComplexTransform::kNone, kAlignment,
-      Element, LayoutB, cutlass::ComplexTransform::kNone, kAlignment,
-      Element, LayoutC, float,
-      cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-      typename Tiles::Threadblock, typename Tiles::Warp, typename Tiles::Instruction,
-      EpilogueOp,
-      cutlass::gemm::threadblock::GemmBatchedIdentityThreadblockSwizzle,  // unused by grouped kernels
-      4,                                       // pipeline stages
-      cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly>::GemmKernel;
-  using Gemm = cutlass::gemm::device::GemmGrouped<GemmKernel>;
+// The per-expert argument arrays the device builds (sm80_build_args_kernel) and CUTLASS reads.
+template <typename Element>
+struct Sm80Arrays {
+  cutlass::gemm::GemmCoord* problems;
+  Element** ptr_a;
+  Element** ptr_b;
+  Element** ptr_c;
+  Element** ptr_d;
+  int64_t* lda;
+  int64_t* ldb;
+  int64_t* ldc;
+  int64_t* ldd;
 
-  struct Arrays {
-    cutlass::gemm::GemmCoord* problems;
-    Element** ptr_a;
-    Element** ptr_b;
-    Element** ptr_c;
-    Element** ptr_d;
-    int64_t* lda;
-    int64_t* ldb;
-    int64_t* ldc;
-    int64_t* ldd;
-  };
-
-  static size_t carve(void* base, int64_t E, Arrays* out) {
+  static size_t carve(void* base, int64_t E, Sm80Arrays* out) {
     WorkspaceCarver w(base);
-    Arrays a;
+    Sm80Arrays a;
     a.problems = w.take<cutlass::gemm::GemmCoord>(E);
     a.ptr_a = w.take<Element*>(E);
     a.ptr_b = w.take<Element*>(E);
@@ -88,9 +83,34 @@ struct Sm80Grouped {
   }
 };
 
+template <typename Element, Form kForm, Math kMath>
+struct Sm80Grouped {
+  using RowMajor = cutlass::layout::RowMajor;
+  using ColumnMajor = cutlass::layout::ColumnMajor;
+  // fwd NN: A [m,K] row-major, B [K,N] row-major; fwd NT: B is b[e] [N,K] read as a column-major
+  // [K,N]; wgrad TN: A = x_e^T, a column-major [P,m] view of x_e [m,P].
+  using LayoutA = std::conditional_t<kForm == Form::kWgradTN, ColumnMajor, RowMajor>;
+  using LayoutB = std::conditional_t<kForm == Form::kFwdNT, ColumnMajor, RowMajor>;
+  using LayoutC = RowMajor;
+  using Tiles = Sm80Tiles<Element, kMath>;
+  static constexpr int kAlignment = Tiles::kAlignment;
+  using EpilogueOp = cutlass::epilogue::thread::LinearCombination<Element, kAlignment, float, float>;
+  using GemmKernel = typename cutlass::gemm::kernel::DefaultGemmGrouped<
+      Element, LayoutA, cutlass::ComplexTransform::kNone, kAlignment,
+      Element, LayoutB, cutlass::ComplexTransform::kNone, kAlignment,
+      Element, LayoutC, float,
+      typename Tiles::OpClass, cutlass::arch::Sm80,
+      typename Tiles::Threadblock, typename Tiles::Warp, typename Tiles::Instruction,
+      EpilogueOp,
+      cutlass::gemm::threadblock::GemmBatchedIdentityThreadblockSwizzle,  // unused by grouped kernels
+      4,                                       // pipeline stages
+      cutlass::gemm::kernel::GroupScheduleMode::kDeviceOnly>::GemmKernel;
+  using Gemm = cutlass::gemm::device::GemmGrouped<GemmKernel>;
+};
+
 // One thread per expert: problem shape, pointers and leading dimensions from the offsets.
 template <typename Element, Form kForm>
-__global__ void sm80_build_args_kernel(GroupedGemmArgs g, typename Sm80Grouped<Element, kForm>::Arrays arr) {
+__global__ void sm80_build_args_kernel(GroupedGemmArgs g, Sm80Arrays<Element> arr) {
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= g.num_experts) return;
   const ExpertRows r = expert_rows(g.offsets, e, g.rows);
@@ -121,18 +141,18 @@ __global__ void sm80_build_args_kernel(GroupedGemmArgs g, typename Sm80Grouped<E
   }
 }
 
-template <typename Element, Form kForm>
+template <typename Element>
 size_t sm80_workspace(const GroupedGemmArgs& g) {
-  return Sm80Grouped<Element, kForm>::carve(nullptr, g.num_experts, nullptr);
+  return Sm80Arrays<Element>::carve(nullptr, g.num_experts, nullptr);
 }
 
-template <typename Element, Form kForm>
+template <typename Element, Form kForm, Math kMath>
 const char* sm80_run(const GroupedGemmArgs& g, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  using Traits = Sm80Grouped<Element, kForm>;
+  using Traits = Sm80Grouped<Element, kForm, kMath>;
   using Gemm = typename Traits::Gemm;
   if (g.form != kForm) return "internal error: grouped GEMM form does not match the kernel";
-  typename Traits::Arrays arr;
-  if (Traits::carve(workspace, g.num_experts, &arr) > workspace_bytes) return "grouped GEMM workspace too small";
+  Sm80Arrays<Element> arr;
+  if (Sm80Arrays<Element>::carve(workspace, g.num_experts, &arr) > workspace_bytes) return "grouped GEMM workspace too small";
   const int E = int(g.num_experts);
   sm80_build_args_kernel<Element, kForm><<<(E + 127) / 128, 128, 0, stream>>>(g, arr);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return cudaGetErrorString(err);
@@ -158,16 +178,16 @@ const char* sm80_run(const GroupedGemmArgs& g, void* workspace, size_t workspace
 }  // namespace gemm
 }  // namespace moe_ext
 
-// Defines grouped_gemm_<NAME>_workspace / _run for one (element, form).
-#define MOE_EXT_SM80_GROUPED_GEMM(NAME, ELEMENT, FORM)                                                  \
+// Defines grouped_gemm_<NAME>_workspace / _run for one (element, form, math).
+#define MOE_EXT_SM80_GROUPED_GEMM(NAME, ELEMENT, FORM, MATH)                                            \
   namespace moe_ext {                                                                                   \
   namespace gemm {                                                                                      \
   size_t grouped_gemm_##NAME##_workspace(const GroupedGemmArgs& args) {                                 \
-    return sm80_workspace<ELEMENT, FORM>(args);                                                         \
+    return sm80_workspace<ELEMENT>(args);                                                               \
   }                                                                                                     \
   const char* grouped_gemm_##NAME##_run(const GroupedGemmArgs& args, void* workspace,                   \
                                         size_t workspace_bytes, cudaStream_t stream) {                  \
-    return sm80_run<ELEMENT, FORM>(args, workspace, workspace_bytes, stream);                           \
+    return sm80_run<ELEMENT, FORM, MATH>(args, workspace, workspace_bytes, stream);                     \
   }                                                                                                     \
   }                                                                                                     \
   }

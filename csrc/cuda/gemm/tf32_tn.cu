@@ -2,4 +2,4 @@
 // Taken only when torch allows TF32 for matmuls. One instantiation per file (compile time).
 #include "sm80_grouped.cuh"
 
-MOE_EXT_SM80_GROUPED_GEMM(tf32_tn, float, moe_ext::gemm::Form::kWgradTN)
+MOE_EXT_SM80_GROUPED_GEMM(tf32_tn, float, moe_ext::gemm::Form::kWgradTN, moe_ext::gemm::Math::kTensorOp)
