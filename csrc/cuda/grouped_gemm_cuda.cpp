@@ -155,6 +155,10 @@ KernelFns find_fp32_kernel(const cudaDeviceProp& prop, Form form, bool aligned) 
   return {};
 }
 
+// CUTLASS's problem shapes are int32, and it rounds them up to whole tiles in int32 (m - 1 + 128, ...):
+// larger sizes take the simple kernel, which indexes in int64.
+constexpr int64_t kMaxCutlassDim = INT_MAX - 256;
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // Whether a row of `n` elements of `elem` bytes keeps 16-byte accesses 16-byte aligned.
@@ -243,7 +247,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at:
   args.sm_count = sm_count;
   args.device = dev;
   const bool aligned = rows16(K, elem) && rows16(N, elem) && aligned16(a_c) && aligned16(b_c) && aligned16(c);
-  const bool fits = M <= INT_MAX && K <= INT_MAX && N <= INT_MAX && E <= INT_MAX;
+  const bool fits = M <= kMaxCutlassDim && K <= kMaxCutlassDim && N <= kMaxCutlassDim && E <= kMaxCutlassDim;
   run_grouped(op, args, a.scalar_type(), aligned, fits, a, stream);
   return c;
 }
@@ -279,7 +283,7 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& x, const at::Tensor& y, con
   args.device = dev;
   const int64_t elem = x.element_size();
   const bool aligned = rows16(P, elem) && rows16(Q, elem) && aligned16(x_c) && aligned16(y_c) && aligned16(out);
-  const bool fits = M <= INT_MAX && P <= INT_MAX && Q <= INT_MAX && E <= INT_MAX;
+  const bool fits = M <= kMaxCutlassDim && P <= kMaxCutlassDim && Q <= kMaxCutlassDim && E <= kMaxCutlassDim;
   if (run_grouped(op, args, x.scalar_type(), aligned, fits, x, stream)) {
     // CUTLASS got 0x0x0 problems for experts without rows (k = 0 is mishandled, cutlass PR #1593);
     // their gradient is zero. The simple kernel writes those zeros itself.
