@@ -64,10 +64,11 @@ def expert_choice(logits: Tensor, capacity: int, score_func: str = "softmax"):
     scores = torch.sigmoid(lg) if score_func == "sigmoid" else torch.softmax(lg, dim=-1)
     lse = torch.logsumexp(lg, dim=-1)
     C = min(capacity, T)
-    taken = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
+    taken_t = torch.zeros(E, T, dtype=torch.bool, device=logits.device)  # [E, T]: expert e took token t
     if C > 0:
         top = torch.sort(-scores.detach().t(), dim=-1, stable=True).indices[:, :C]  # [E, C] token ids
-        taken[top, torch.arange(E, device=logits.device).unsqueeze(1).expand(E, C)] = True
+        taken_t.scatter_(1, top, True)
+    taken = taken_t.t()
     arange_e = torch.arange(E, device=logits.device, dtype=torch.int32).expand(T, E)
     ids = torch.where(taken, arange_e, torch.full_like(arange_e, -1))
     weights = torch.where(taken, scores, torch.zeros_like(scores))
