@@ -16,6 +16,13 @@ __all__ = ["GatingOutput", "topk_gating", "permute", "unpermute", "grouped_gemm"
            "expert_ffn", "apply_activation", "ACTIVATIONS"]
 
 
+def _records_graph(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records an op on these inputs. When it does not (inference, torch.no_grad,
+    frozen inputs), the public functions call the op directly: an autograd Function's Python costs
+    about 6 us a call, as much as a decode-sized kernel launch."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class GatingOutput(NamedTuple):
     """weights [T, k] fp32 (fp64 for fp64 logits), expert_ids [T, k] int32 (best first),
     tokens_per_expert [E] int32, score_sum [E] (sum over tokens of each expert's full score: softmax
@@ -62,8 +69,8 @@ def topk_gating(logits: Tensor, k: int, *, score_func: str = "softmax", order: s
     by routed_scaling. Ties go to the lower expert id; NaN logits rank last.
     Differentiable w.r.t. logits through weights, score_sum and lse.
     """
-    return GatingOutput(*_TopkGating.apply(logits, k, score_func, order, renormalize, expert_bias, num_groups,
-                                           topk_groups, float(routed_scaling)))
+    args = (logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, float(routed_scaling))
+    return GatingOutput(*(_TopkGating.apply(*args) if _records_graph(logits) else _ops.topk_gating(*args)))
 
 
 class _Permute(torch.autograd.Function):
@@ -89,7 +96,9 @@ def permute(x: Tensor, expert_ids: Tensor, num_experts: int, max_rows: int = -1)
     that do not fit in R rows are dropped (row_map -1); rows past offsets[E] are zero. row_map[t, j] is
     the row of slot (t, j) or -1. Differentiable w.r.t. x.
     """
-    return _Permute.apply(x, expert_ids, num_experts, max_rows)
+    if _records_graph(x):
+        return _Permute.apply(x, expert_ids, num_experts, max_rows)
+    return _ops.permute(x, expert_ids, num_experts, max_rows)
 
 
 class _Unpermute(torch.autograd.Function):
@@ -111,7 +120,9 @@ def unpermute(y_sorted: Tensor, row_map: Tensor, weights: Optional[Tensor] = Non
     Accumulates in fp32 in slot order (deterministic); dropped slots (row -1) add nothing.
     Differentiable w.r.t. y_sorted and weights.
     """
-    return _Unpermute.apply(y_sorted, row_map, weights)
+    if _records_graph(y_sorted, weights):
+        return _Unpermute.apply(y_sorted, row_map, weights)
+    return _ops.unpermute(y_sorted, row_map, weights)
 
 
 class _GroupedGemm(torch.autograd.Function):
@@ -147,7 +158,9 @@ def grouped_gemm(a: Tensor, b: Tensor, expert_offsets: Tensor, trans_b: bool = F
     of expert e are offsets[e]:offsets[e+1]); bias [E, N]. Rows outside [offsets[0], offsets[E]) are
     zero. Differentiable w.r.t. a, b and bias; the weight gradient of an expert with no rows is zero.
     """
-    return _GroupedGemm.apply(a, b, expert_offsets, trans_b, bias)
+    if _records_graph(a, b, bias):
+        return _GroupedGemm.apply(a, b, expert_offsets, trans_b, bias)
+    return _ops.grouped_gemm(a, b, expert_offsets, trans_b, bias)
 
 
 def _gelu_tanh(x):
@@ -202,11 +215,7 @@ def apply_activation(h: Tensor, activation: str) -> Tensor:
     act, gated = _activation(activation)
     if not gated:
         return act(h)
-    if h.requires_grad and torch.is_grad_enabled():
-        return _GatedActivation.apply(h, activation)
-    # No graph to record: skip the autograd Function's Python overhead (~15 us, as much as the kernel
-    # itself on a decode-sized batch).
-    return _gated(h, activation)
+    return _GatedActivation.apply(h, activation) if _records_graph(h) else _gated(h, activation)
 
 
 def check_expert_weights(w1: Tensor, w2: Tensor, activation: str, hidden: int, num_experts: Optional[int] = None):

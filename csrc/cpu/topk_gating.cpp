@@ -30,12 +30,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gati
   const auto fopt = logits.options().dtype(routing_dtype(logits));
   auto weights = at::empty({T, k}, fopt);
   auto ids = at::empty({T, k}, logits.options().dtype(at::kInt));
-  auto tokens_per_expert = at::zeros({E}, logits.options().dtype(at::kInt));
-  auto score_sum = at::zeros({E}, fopt);
+  auto tokens_per_expert = at::empty({E}, logits.options().dtype(at::kInt));  // every entry written below
+  auto score_sum = at::empty({E}, fopt);
   auto lse = at::empty({T}, fopt);
   const int64_t nblocks = (T + kGateTokenBlock - 1) / kGateTokenBlock;
-  auto partial_sum = at::zeros({nblocks, E}, fopt);
-  auto partial_cnt = at::zeros({nblocks, E}, logits.options().dtype(at::kInt));
 
   MOE_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "topk_gating", [&] {
     using acc = acc_t<scalar_t>;
@@ -45,8 +43,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gati
     acc* wp = weights.data_ptr<acc>();
     int* ip = ids.data_ptr<int>();
     acc* lsep = lse.data_ptr<acc>();
-    acc* psum = partial_sum.data_ptr<acc>();
-    int* pcnt = partial_cnt.data_ptr<int>();
+    // Per-block partial sums: scratch, not tensors (a decode-sized call is mostly allocation cost).
+    std::vector<acc> partial_sum(static_cast<size_t>(nblocks * E), acc(0));
+    std::vector<int> partial_cnt(static_cast<size_t>(nblocks * E), 0);
+    acc* psum = partial_sum.data();
+    int* pcnt = partial_cnt.data();
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc> score(E), group_scores(64);
       for (int64_t b = b0; b < b1; ++b) {
