@@ -23,8 +23,7 @@ def capacity_rank(expert_ids: Tensor, num_experts: int) -> Tensor:
     sorted_key, order = torch.sort(key)
     sorted_e = sorted_key // S
     first = torch.searchsorted(sorted_e, sorted_e)  # start of each expert's run, on the device
-    rank = torch.empty_like(flat)
-    rank[order] = torch.arange(S, device=flat.device) - first
+    rank = torch.empty_like(flat).scatter_(0, order, torch.arange(S, device=flat.device) - first)
     return rank.view(k, T).t()
 
 
