@@ -23,8 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_junit(path):
-    """{passed, failed, skipped, errors, total, failures: [first names]} from a pytest junit xml, or a
-    dict with "missing"/"unreadable" when the file is absent or broken."""
+    """{passed, failed, skipped, errors, total, seconds, failures: [first names], slowest: [[name, s]]}
+    from a pytest junit xml, or a dict with "missing"/"unreadable" when the file is absent or broken.
+    The slowest tests size the next run's time boxes."""
     if not path or not os.path.exists(path):
         return {"status": "missing", "passed": 0, "failed": 0, "skipped": 0, "errors": 0, "total": 0}
     try:
@@ -33,16 +34,23 @@ def parse_junit(path):
         return {"status": f"unreadable: {e}", "passed": 0, "failed": 0, "skipped": 0, "errors": 0, "total": 0}
     suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
     n = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    names = []
+    names, times = [], []
     for s in suites:
         for key in n:
             n[key] += int(s.get(key, 0) or 0)
         for case in s.iter("testcase"):
+            name = f"{case.get('classname', '')}::{case.get('name', '')}"
             if case.find("failure") is not None or case.find("error") is not None:
-                names.append(f"{case.get('classname', '')}::{case.get('name', '')}")
+                names.append(name)
+            try:
+                times.append((float(case.get("time", 0) or 0), name))
+            except ValueError:
+                pass
+    times.sort(reverse=True)
     return {"status": "ok", "passed": n["tests"] - n["failures"] - n["errors"] - n["skipped"],
             "failed": n["failures"], "errors": n["errors"], "skipped": n["skipped"], "total": n["tests"],
-            "failures": names[:20]}
+            "seconds": round(sum(t for t, _ in times), 1), "failures": names[:20],
+            "slowest": [[name, round(t, 2)] for t, name in times[:10]]}
 
 
 # racecheck: "RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)": only errors count.
@@ -176,6 +184,9 @@ def summary(doc, path):
                    f"{a['skipped']} skipped" + (f" [{a['status']}]" if a["status"] != "ok" else ""))
     for name in (t.get("failures") or [])[:5]:
         out.append(f"  FAILED {name}")
+    if t.get("slowest"):
+        out.append(f"  test time {t['seconds']} s; slowest: " + ", ".join(f"{n.split('::')[-1]} {s}s"
+                                                                       for n, s in t["slowest"][:3]))
     for tool, s in doc["sanitizer"].items():
         out.append(f"sanitizer {tool}: {s['status']}" + (f", {s['errors']} errors" if s["errors"] else "")
                    + ("".join(f"\n    {ln}" for ln in s["first_lines"][:3]) if s["status"] == "errors" else ""))

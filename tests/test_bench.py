@@ -81,8 +81,8 @@ def test_quick_plan_is_small_and_cpu_scaled():
 def _fake_junit(path):
     path.write_text("""<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" errors="1" failures="2" skipped="3" tests="10">
-<testcase classname="tests.test_cuda_routing" name="test_a"/>
-<testcase classname="tests.test_cuda_routing" name="test_b"><failure message="x">boom</failure></testcase>
+<testcase classname="tests.test_cuda_routing" name="test_a" time="0.25"/>
+<testcase classname="tests.test_cuda_routing" name="test_b" time="3.5"><failure message="x">boom</failure></testcase>
 <testcase classname="tests.test_cuda_grouped_gemm" name="test_c"><failure message="y">bang</failure></testcase>
 <testcase classname="tests.test_cuda_grouped_gemm" name="test_d"><error message="z">oops</error></testcase>
 </testsuite></testsuites>""")
@@ -119,6 +119,7 @@ def test_results_writer_from_fake_inputs(tmp_path, capsys):
     assert {k: doc["tests"][k] for k in ("passed", "failed", "skipped", "errors")} == \
         {"passed": 4, "failed": 2, "skipped": 3, "errors": 1}
     assert len(doc["tests"]["failures"]) == 3
+    assert doc["tests"]["seconds"] == 3.8 and doc["tests"]["slowest"][0] == ["tests.test_cuda_routing::test_b", 3.5]
     mc = doc["sanitizer"]["memcheck"]
     assert mc["status"] == "errors" and mc["errors"] == 1 and mc["runs"] == 2
     assert any("Invalid __global__ write" in ln for ln in mc["first_lines"])
