@@ -53,13 +53,13 @@ def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacit
 def expert_choice(logits: Tensor, capacity: int, score_func: str = "softmax"):
     """Expert-choice routing (Zhou et al. 2022): each expert takes its `capacity` best tokens.
 
-    logits [T, E] -> (weights [T, E], expert_ids [T, E] int32, scores [T, E], lse [T]): slot (t, e)
-    holds e when expert e took token t, else -1, and its weight is the token's (unrenormalised)
-    score for e, so permute/unpermute route it like token choice with k = E. Ties go to the lower
-    token index. Differentiable w.r.t. logits through the weights.
+    logits [T, E] -> (weights [T, E] fp32 (fp64 for fp64 logits), expert_ids [T, E] int32,
+    scores [T, E], lse [T]): slot (t, e) holds e when expert e took token t, else -1, and its weight
+    is the token's (unrenormalised) score for e, so permute/unpermute route it like token choice with
+    k = E. Ties go to the lower token index. Differentiable w.r.t. logits through the weights.
     """
     T, E = logits.shape
-    lg = logits.float()
+    lg = logits if logits.dtype == torch.float64 else logits.float()  # as topk_gating: fp64 stays fp64
     scores = torch.sigmoid(lg) if score_func == "sigmoid" else torch.softmax(lg, dim=-1)
     lse = torch.logsumexp(lg, dim=-1)
     C = min(capacity, T)

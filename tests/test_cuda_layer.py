@@ -62,7 +62,7 @@ def test_fused_moe_float64_matches_cpu(activation, T, H, F, E, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,H,F,E,k", [(300, 128, 96, 8, 2), (37, 72, 40, 7, 3)])  # CUTLASS; 16-bit fallback
+@pytest.mark.parametrize("T,H,F,E,k", [(300, 128, 96, 8, 2), (37, 36, 20, 7, 3)])  # CUTLASS; 16-bit fallback (K % 8)
 def test_fused_moe_low_precision_no_worse_than_cpu(dtype, T, H, F, E, k):
     """In fp32/bf16/fp16, the CUDA result's error against a float64 reference is at most twice the CPU
     path's own error in the same dtype (plus a little), for the output and every gradient."""
