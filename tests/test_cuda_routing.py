@@ -140,6 +140,83 @@ def test_gating_nan_logits(E):
     assert torch.equal(cpu[1], gpu[1])
 
 
+INF, NAN = float("inf"), float("nan")
+
+
+def _special_rows(T, E, seed):
+    """Rows 0-7 with infinite / NaN logits (as torch.logsumexp: -inf, +inf, +inf, +inf, finite, NaN, NaN, NaN)."""
+    logits = _logits(T, E, torch.float32, seed=seed)
+    logits[0] = -INF                               # fully masked token
+    logits[1, 3] = INF
+    logits[2, ::2] = -INF
+    logits[2, 1] = INF
+    logits[3, 5] = INF
+    logits[3, 7] = INF
+    logits[4, 1:] = -INF                           # finite max
+    logits[5, 0] = NAN
+    logits[5, 2] = INF
+    logits[6] = -INF
+    logits[6, E - 1] = NAN
+    logits[7] = NAN
+    return logits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [8, 100, 512, 600])
+def test_gating_lse_of_infinite_and_nan_rows(dtype, E):
+    """lse is torch.logsumexp's value (an infinite max, NaN if any NaN) on the warp and generic paths."""
+    logits = _special_rows(12, E, seed=E).to(dtype)
+    ref = torch.logsumexp(logits.double(), -1)
+    for score in ("softmax", "sigmoid"):
+        cpu, gpu = _gating_both(logits, 2, score_func=score)
+        for lse in (cpu[4].double(), gpu[4].double()):
+            assert torch.equal(torch.isnan(lse), torch.isnan(ref))
+            inf = torch.isinf(ref)
+            assert torch.equal(torch.isinf(lse), inf) and torch.equal(lse[inf], ref[inf])
+        torch.testing.assert_close(gpu[4], cpu[4], **TOL[torch.float64 if dtype == torch.float64 else torch.float32],
+                                   equal_nan=True)
+        assert torch.equal(cpu[1], gpu[1])
+        assert torch.equal(cpu[2], gpu[2])
+        torch.testing.assert_close(gpu[0], cpu[0], equal_nan=True)  # softmax weights are NaN on these rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scaling", [1.1, 1e-30, 1e30, 1e300, 1e-50])
+@pytest.mark.parametrize("mode", ["softmax_topk", "topk_softmax", "sigmoid"])
+def test_gating_routed_scaling_in_compute_type(dtype, scaling, mode):
+    """routed_scaling is applied in fp64 for fp64 logits (not rounded to fp32), in fp32 otherwise, and
+    the backward never divides by it; forward and backward as the CPU kernels'."""
+    if dtype == torch.float32 and scaling in (1e300, 1e-50):
+        pytest.skip("not representable in float32: refused (test_gating_routed_scaling_refused_cuda)")
+    score, order = ("sigmoid", "softmax_topk") if mode == "sigmoid" else ("softmax", mode)
+    T, E, k = 50, 64, 4
+    logits = _logits(T, E, dtype, seed=7)
+    cpu, gpu = _gating_both(logits, k, score_func=score, order=order, routed_scaling=scaling)
+    assert torch.equal(cpu[1], gpu[1])
+    if dtype == torch.float32:
+        assert torch.equal(cpu[0], gpu[0])
+    torch.testing.assert_close(gpu[0] / scaling, cpu[0] / scaling, **TOL[dtype])
+    gw = torch.randn(T, k, generator=_gen(4)).to(dtype)
+    for renorm in (True, False):
+        args = (gw, None, None, logits, cpu[1], score, order, renorm, scaling)
+        ref = ops.topk_gating_backward(*args)
+        out = ops.topk_gating_backward(*_cuda(args)).cpu()
+        assert torch.isfinite(out).all()
+        if dtype == torch.float32:
+            assert torch.equal(out, ref)
+        torch.testing.assert_close(out / scaling, ref / scaling, **TOL[dtype])
+
+
+def test_gating_routed_scaling_refused_cuda():
+    """The shared check: a factor that is inf or 0 in the compute type is refused with the CPU's message."""
+    for dtype, scaling, shown in ((torch.bfloat16, 1e300, r"1e\+300"), (torch.float32, 1e-46, "1e-46")):
+        name = {torch.bfloat16: "BFloat16", torch.float32: "Float"}[dtype]
+        with pytest.raises(RuntimeError, match=rf"topk_gating: routed_scaling must be a positive finite number in "
+                                               rf"float32 \(the compute type of {name} logits\), got {shown}"):
+            ops.topk_gating(torch.randn(4, 8, device=DEV).to(dtype), 2, routed_scaling=scaling)
+    ops.topk_gating(torch.randn(4, 8, device=DEV, dtype=torch.float64), 2, routed_scaling=1e300)
+
+
 @pytest.mark.parametrize("E", [8, 64, 256, 512])
 def test_gating_ties_lower_id_wins(E):
     logits = torch.zeros(5, E)
@@ -192,6 +269,32 @@ def test_gating_backward_matches_cpu(dtype, E, k, mode):
             if dtype != torch.float64:
                 assert torch.equal(out, ref)
             torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("E", [8, 256, 600])
+def test_gating_backward_sigmoid_infinite_rows(dtype, E):
+    """Sigmoid rows with +-inf logits: finite gradients when the lse gradient is absent or zero (no
+    0 * NaN softmax probability), the same bits for both, and the CPU kernel's values."""
+    T = 10
+    logits = _special_rows(T, E, seed=E + 1)[:5].to(dtype)  # the rows without NaN
+    _, ids, *_ = ops.topk_gating(logits, 2, score_func="sigmoid")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gw = torch.randn(5, 2, generator=_gen(4)).to(acc)
+    gss = torch.randn(E, generator=_gen(5)).to(acc)
+    for renorm in (True, False):
+        for g_ss in (None, gss):
+            outs = []
+            for g_lse in (None, torch.zeros(5, dtype=acc)):
+                args = (gw, g_ss, g_lse, logits, ids, "sigmoid", "softmax_topk", renorm, 1.5)
+                ref = ops.topk_gating_backward(*args)
+                out = ops.topk_gating_backward(*_cuda(args)).cpu()
+                assert torch.isfinite(out.double()).all()
+                if dtype != torch.float64:
+                    assert torch.equal(out, ref)
+                torch.testing.assert_close(out, ref, **TOL[dtype])
+                outs.append(out)
+            assert torch.equal(outs[0], outs[1])
 
 
 def test_gating_backward_empty():

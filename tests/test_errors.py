@@ -124,3 +124,29 @@ def test_cpu_cuda_mismatch_is_named():
     with pytest.raises(RuntimeError, match=r"grouped_gemm: expert_offsets must be on a's device \(cuda:0\), got cpu"):
         ops.grouped_gemm(torch.randn(6, 4, device="cuda").bfloat16(), torch.randn(2, 4, 3, device="cuda").bfloat16(),
                          torch.tensor([0, 3, 6]))
+
+
+@pytest.mark.parametrize("dtype,scaling,shown", [
+    (torch.float32, 1e300, r"1e\+300"), (torch.bfloat16, 1e39, r"1e\+39"), (torch.float16, 3.5e38, r"3.5e\+38"),
+    (torch.float32, 1e-46, "1e-46"),  # inf or 0 in float32
+    (torch.float64, float("inf"), "inf"), (torch.float64, 0.0, "0"), (torch.float64, -1.0, "-1"),
+    (torch.float64, float("nan"), "nan"),
+])
+def test_gating_routed_scaling_not_representable(dtype, scaling, shown):
+    """The factor must be finite and > 0 in the compute type: float32 unless the logits are float64."""
+    compute = "float64" if dtype == torch.float64 else "float32"
+    name = {torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float16: "Half", torch.float64: "Double"}[dtype]
+    msg = rf"routed_scaling must be a positive finite number in {compute} \(the compute type of {name} logits\), got {shown}$"
+    with pytest.raises(RuntimeError, match="topk_gating: " + msg):
+        moe_ext.topk_gating(torch.randn(3, 7).to(dtype), 2, routed_scaling=scaling)
+    ids = torch.tensor([[0, 1]] * 3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="topk_gating_backward: " + msg):
+        ops.topk_gating_backward(torch.randn(3, 2), None, None, torch.randn(3, 7).to(dtype), ids, "softmax",
+                                 "softmax_topk", True, scaling)
+
+
+def test_gating_routed_scaling_extremes_accepted():
+    moe_ext.topk_gating(torch.randn(3, 7, dtype=torch.float64), 2, routed_scaling=1e300)
+    moe_ext.topk_gating(torch.randn(3, 7, dtype=torch.float64), 2, routed_scaling=1e-300)
+    moe_ext.topk_gating(torch.randn(3, 7), 2, routed_scaling=3.4e38)
+    moe_ext.topk_gating(torch.randn(3, 7), 2, routed_scaling=1e-40)  # subnormal in float32, still > 0

@@ -163,3 +163,122 @@ def test_only_weights_used_in_loss():
     logits = torch.randn(5, 7, requires_grad=True)
     moe_ext.topk_gating(logits, 2).weights.sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+# ---- routed_scaling and the renormalisation epsilon in the compute type (fp64 stays fp64) ----
+def _weights_and_grad(fn, logits, coef, **kw):
+    lg = logits.detach().clone().requires_grad_(True)
+    w = fn(lg, **kw)
+    (g,) = torch.autograd.grad((w * coef).sum(), lg)
+    return w.detach(), g
+
+
+def _ours(lg, k, **kw):
+    return moe_ext.topk_gating(lg, k, **kw).weights
+
+
+def _ref(lg, k, **kw):
+    return R.topk_gating(lg, k, **kw)[0]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("scaling", [1.1, 0.3, 2.5, 1e300, 1e-50, 1e-300])
+def test_fp64_routed_scaling_matches_reference(cfg, scaling):
+    """fp64 logits: the factor is applied in fp64 (not rounded to fp32), for ordinary and extreme values,
+    and the backward never divides by it (0 or inf from w / s would be NaN)."""
+    logits = torch.randn(23, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    coef = torch.randn(23, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    w, g = _weights_and_grad(_ours, logits, coef, k=3, routed_scaling=scaling, **cfg)
+    wr, gr = _weights_and_grad(_ref, logits, coef, k=3, routed_scaling=scaling, **cfg)
+    torch.testing.assert_close(w / scaling, wr / scaling, rtol=1e-14, atol=0)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g / scaling, gr / scaling, rtol=1e-12, atol=1e-14)
+
+
+def test_fp64_renorm_epsilon_is_fp64():
+    """Chosen sigmoid scores near 1e-18: 1e-20 rounded to fp32 (1.00000001e-20) moves the weight by 2e-10."""
+    logits = torch.tensor([[-41.0065, -49.9778], [-44.5, -43.25]], dtype=torch.float64)
+    for k in (1, 2):
+        out = moe_ext.topk_gating(logits, k, score_func="sigmoid")
+        torch.testing.assert_close(out.weights, R.topk_gating(logits, k, score_func="sigmoid")[0], rtol=1e-15, atol=0)
+
+
+def test_fp32_subnormal_routed_scaling_gradients_finite():
+    """A factor that is subnormal in fp32 (1e-40) is accepted: weights and gradients then carry only the
+    few bits of a subnormal, but must stay finite (the backward never divides by the factor)."""
+    logits = torch.randn(8, 6, generator=torch.Generator().manual_seed(5))
+    coef = torch.randn(8, 2, generator=torch.Generator().manual_seed(6))
+    for cfg in CONFIGS:
+        w, g = _weights_and_grad(_ours, logits, coef, k=2, routed_scaling=1e-40, **cfg)
+        assert torch.isfinite(g).all(), cfg
+        _, gr = _weights_and_grad(_ref, logits.double(), coef.double(), k=2, routed_scaling=1e-40, **cfg)
+        torch.testing.assert_close(g.double() * 1e40, gr * 1e40, rtol=1e-3, atol=1e-4)
+
+
+# ---- lse of rows with infinite / NaN logits: torch.logsumexp's value ----
+INF, NAN = float("inf"), float("nan")
+SPECIAL_ROWS = [
+    [-INF] * 5,                    # fully masked token: -inf
+    [INF, 0.0, 1.0, 2.0, 3.0],     # +inf
+    [INF, -INF, 0.0, 1.0, -INF],   # +inf and -inf: +inf
+    [INF, INF, 0.0, 1.0, 2.0],
+    [-INF, 0.5, -INF, -INF, 1.0],  # finite max
+    [NAN, INF, 0.0, 1.0, 2.0],     # NaN wins over +inf
+    [NAN, -INF, -INF, -INF, -INF],
+    [NAN] * 5,
+    [0.25, -1.0, 2.0, 0.5, 1.5],
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_lse_of_infinite_and_nan_rows(dtype, cfg):
+    logits = torch.tensor(SPECIAL_ROWS, dtype=torch.float64).to(dtype)
+    out = moe_ext.topk_gating(logits, 2, **cfg)
+    ref = torch.logsumexp(logits.double(), -1)
+    assert torch.equal(torch.isnan(out.lse), torch.isnan(ref))
+    fin = ~torch.isnan(ref)
+    tol = TOL[torch.float64] if dtype == torch.float64 else TOL[torch.float32]
+    torch.testing.assert_close(out.lse.double()[fin], ref[fin], **tol)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_sigmoid_backward_of_infinite_rows(renormalize):
+    """Sigmoid routing of a row with +-inf logits is well defined, and so is its gradient: the NaN softmax
+    statistics of such a row must not leak in through the (absent or zero) lse gradient."""
+    rows = [r for r in SPECIAL_ROWS if not any(v != v for v in r)]
+    logits = torch.tensor(rows, dtype=torch.float64)
+    kw = dict(score_func="sigmoid", renormalize=renormalize, routed_scaling=1.5)
+    coef = torch.randn(len(rows), 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    gss = torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    lg = logits.clone().requires_grad_(True)
+    out = moe_ext.topk_gating(lg, 2, **kw)
+    (g_w,) = torch.autograd.grad((out.weights * coef).sum(), lg, retain_graph=True)
+    (g_ss,) = torch.autograd.grad((out.weights * coef).sum() + (out.score_sum * gss).sum(), lg, retain_graph=True)
+    # an lse gradient that is present but zero for these rows (another token's lse is in the loss)
+    (g_z,) = torch.autograd.grad((out.weights * coef).sum() + out.lse[4], lg)
+    lr = logits.clone().requires_grad_(True)
+    w, _, _, ss, _ = R.topk_gating(lr, 2, **kw)
+    (r_w,) = torch.autograd.grad((w * coef).sum(), lr, retain_graph=True)
+    (r_ss,) = torch.autograd.grad((w * coef).sum() + (ss * gss).sum(), lr)
+    assert torch.isfinite(r_w).all() and torch.isfinite(r_ss).all()
+    torch.testing.assert_close(g_w, r_w, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(g_ss, r_ss, rtol=1e-14, atol=1e-15)
+    # torch's logsumexp backward gives 0 * NaN = NaN on the infinite rows here; ours skips a zero gradient
+    others = [i for i in range(len(rows)) if i != 4]
+    assert torch.equal(g_z[others], g_w[others])
+
+
+def test_backward_zero_or_absent_lse_gradient_is_exact():
+    """No lse gradient and an all-zero one give the same bits (no 0 * prob term added), NaN-free."""
+    logits = torch.tensor(SPECIAL_ROWS[:5], dtype=torch.float64)
+    ids = moe_ext.topk_gating(logits, 2, score_func="sigmoid").expert_ids
+    gw = torch.randn(5, 2, dtype=torch.float64)
+    ops = torch.ops.moe_ext
+    for dtype in (torch.float64, torch.float32):
+        lg, g = logits.to(dtype), gw.to(dtype)
+        a = ops.topk_gating_backward(g, None, None, lg, ids, "sigmoid", "softmax_topk", True, 1.0)
+        b = ops.topk_gating_backward(g, None, torch.zeros(5, dtype=dtype), lg, ids, "sigmoid", "softmax_topk", True,
+                                     1.0)
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b) and torch.equal(torch.signbit(a), torch.signbit(b))

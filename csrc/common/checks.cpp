@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <charconv>
 #include <cstdlib>
+#include <limits>
 #include <sstream>
 
 namespace moe_ext {
@@ -79,9 +81,30 @@ GateOrder parse_order(const char* op, c10::string_view s) {
 
 namespace {
 
+static_assert(std::numeric_limits<float>::is_iec559, "double -> float conversion must round, overflowing to inf");
+
+// Shortest text that reads back as v: the default 6 digits print 3.40282e+38 for values on both
+// sides of FLT_MAX, one accepted and one refused.
+std::string double_str(double v) {
+  char buf[32];
+  const auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
+}
+
+// The kernels apply routed_scaling in the compute type (float unless the logits are fp64), so it
+// must be finite and > 0 there: 1e300 would make every fp32 weight inf and 1e-46 every one 0.
+void check_routed_scaling(const char* op, double routed_scaling, at::ScalarType logits_dtype) {
+  const bool fp64 = logits_dtype == at::kDouble;
+  const double s = fp64 ? routed_scaling : static_cast<double>(static_cast<float>(routed_scaling));
+  TORCH_CHECK(std::isfinite(s) && s > 0, "moe_ext.", op, ": routed_scaling must be a positive finite number in ",
+              fp64 ? "float64" : "float32", " (the compute type of ", logits_dtype, " logits), got ",
+              double_str(routed_scaling));
+}
+
 GatingParams make_gating_params(const char* op, int64_t T, int64_t E, int64_t k, c10::string_view score_func,
                                 c10::string_view order, bool renormalize, int64_t num_groups,
-                                int64_t topk_groups, double routed_scaling, bool has_bias) {
+                                int64_t topk_groups, double routed_scaling, at::ScalarType logits_dtype,
+                                bool has_bias) {
   GatingParams p{};
   p.num_tokens = T;
   p.num_experts = static_cast<int>(E);
@@ -93,9 +116,8 @@ GatingParams make_gating_params(const char* op, int64_t T, int64_t E, int64_t k,
   p.renormalize = renormalize;
   p.num_groups = static_cast<int>(num_groups);
   p.topk_groups = static_cast<int>(topk_groups);
-  TORCH_CHECK(std::isfinite(routed_scaling) && routed_scaling > 0, "moe_ext.", op,
-              ": routed_scaling must be a positive finite number, got ", routed_scaling);
-  p.routed_scaling = static_cast<float>(routed_scaling);
+  check_routed_scaling(op, routed_scaling, logits_dtype);
+  p.routed_scaling = routed_scaling;
   p.has_bias = has_bias;
   return p;
 }
@@ -129,7 +151,8 @@ GatingParams check_topk_gating(const at::Tensor& logits, int64_t k, c10::string_
     check_same_device(op, "expert_bias", b, "logits", logits);
   }
   return make_gating_params(op, T, E, k, score_func, order, renormalize, num_groups,
-                            num_groups > 1 ? topk_groups : 1, routed_scaling, expert_bias.has_value());
+                            num_groups > 1 ? topk_groups : 1, routed_scaling, logits.scalar_type(),
+                            expert_bias.has_value());
 }
 
 namespace {
@@ -179,7 +202,8 @@ GatingParams check_topk_gating_backward(const at::Tensor& grad_weights,
     check_same_device(op, "grad_lse", *grad_lse, "logits", logits);
   }
   check_id_values(op, "expert_ids", expert_ids, 0, E);
-  return make_gating_params(op, T, E, k, score_func, order, renormalize, 1, 1, routed_scaling, false);
+  return make_gating_params(op, T, E, k, score_func, order, renormalize, 1, 1, routed_scaling,
+                            logits.scalar_type(), false);
 }
 
 namespace {

@@ -32,13 +32,16 @@ struct GatingParams {
   bool renormalize;
   int num_groups;   // 1 = no group-limited routing
   int topk_groups;  // groups kept per token when num_groups > 1
-  float routed_scaling;
+  // Kept in double: fp64 routing must not see it rounded to float. Each use converts it to acc_t,
+  // where the checks have made sure it is finite and > 0.
+  double routed_scaling;
   bool has_bias;
 };
 
-// Renormalisation adds this to the denominator (DeepSeek-V3's 1e-20): it changes no fp32 sum of
-// probabilities, and keeps a token whose chosen sigmoid scores all underflow to 0 from dividing 0/0.
-constexpr float kRenormEps = 1e-20f;
+// Renormalisation adds this to the denominator (DeepSeek-V3's 1e-20), converted to acc_t where used
+// (fp64 routing gets 1e-20, not float's 1.00000001e-20): it changes no fp32 sum of probabilities,
+// and keeps a token whose chosen sigmoid scores all underflow to 0 from dividing 0/0.
+constexpr double kRenormEps = 1e-20;
 
 // The total order used to rank experts: larger key first, NaN after every number, and among equal
 // keys the lower expert id first. Every selection on both back ends goes through this one predicate,
@@ -105,35 +108,33 @@ MOE_HD T selection_key(const GatingParams& p, T logit, T score, T bias) {
   return base + bias;
 }
 
-// Weight of chosen slot j, given the chosen experts' logits and scores (arrays of length k).
-// sum_chosen is sum of chosen scores (renormalisation), and for kTopkThenSoftmax the softmax
-// denominator over the chosen logits, taken relative to chosen_max.
+// Share of chosen slot j before routed_scaling (weight = share * routed_scaling), given the chosen
+// expert's logit and score. chosen_sum is the sum of chosen scores (renormalisation), and for
+// kTopkThenSoftmax the softmax denominator over the chosen logits, taken relative to chosen_max.
+template <typename T>
+MOE_HD T slot_share(const GatingParams& p, T logit, T score, T chosen_max, T chosen_sum) {
+  if (p.score == ScoreFunc::kSoftmax && p.order == GateOrder::kTopkThenSoftmax)
+    return moe_exp(logit - chosen_max) / chosen_sum;
+  return p.renormalize ? score / (chosen_sum + T(kRenormEps)) : score;
+}
+
 template <typename T>
 MOE_HD T slot_weight(const GatingParams& p, T logit, T score, T chosen_max, T chosen_sum) {
-  T w;
-  if (p.score == ScoreFunc::kSoftmax && p.order == GateOrder::kTopkThenSoftmax) {
-    w = moe_exp(logit - chosen_max) / chosen_sum;
-  } else if (p.renormalize) {
-    w = score / (chosen_sum + T(kRenormEps));
-  } else {
-    w = score;
-  }
-  return w * T(p.routed_scaling);
+  return slot_share(p, logit, score, chosen_max, chosen_sum) * T(p.routed_scaling);
 }
 
 // Gradient of the loss w.r.t. the score (kSoftmaxThenTopk, sigmoid) or logit (kTopkThenSoftmax) of
-// chosen slot j, from the weight gradients. gw_dot_w = sum_i grad_w[i] * w[i] over the chosen slots.
-//   renormalised:  w_j = s * x_j / Z        -> dx_j = (s * g_j - gw_dot_w) / Z
-//   plain:         w_j = s * x_j            -> dx_j = s * g_j
-//   topk->softmax: w_j = s * softmax(l)_j   -> dl_j = w_j * g_j - (w_j / s) * gw_dot_w
+// chosen slot j. It takes the shares u (w = s * u) and the weight gradients already times s
+// (gs_j = s * g_j), gs_dot_u = sum_i gs_i * u_i over the chosen slots: recovering u as w / s would
+// be NaN or inf where w or s is 0 or inf in acc_t (extreme scalings, underflowed weights).
+//   renormalised:  u_j = x_j / Z        -> dx_j = (gs_j - gs_dot_u) / Z
+//   plain:         u_j = x_j            -> dx_j = gs_j
+//   topk->softmax: u_j = softmax(l)_j   -> dl_j = u_j * (gs_j - gs_dot_u)
 template <typename T>
-MOE_HD T chosen_grad(const GatingParams& p, T g, T w, T chosen_sum, T gw_dot_w) {
-  const T s = T(p.routed_scaling);
-  if (p.score == ScoreFunc::kSoftmax && p.order == GateOrder::kTopkThenSoftmax) {
-    return w * g - (w / s) * gw_dot_w;
-  }
-  if (p.renormalize) return (s * g - gw_dot_w) / (chosen_sum + T(kRenormEps));
-  return s * g;
+MOE_HD T chosen_grad(const GatingParams& p, T gs, T u, T chosen_sum, T gs_dot_u) {
+  if (p.score == ScoreFunc::kSoftmax && p.order == GateOrder::kTopkThenSoftmax) return u * (gs - gs_dot_u);
+  if (p.renormalize) return (gs - gs_dot_u) / (chosen_sum + T(kRenormEps));
+  return gs;
 }
 
 // d logit from d score for one expert: softmax couples the row through dot = sum_e p_e * dscore_e.
@@ -171,15 +172,30 @@ MOE_HD T fixed_order_sum(int64_t n, const ValAt& val_at) {
   });
 }
 
+// any_nan (optional): whether the row holds a NaN, which row_logsumexp needs.
 template <typename T, typename In>
-MOE_HD void row_softmax_stats(const In* logits, int E, T* row_max, T* sum) {
+MOE_HD void row_softmax_stats(const In* logits, int E, T* row_max, T* sum, bool* any_nan = nullptr) {
   T m = T(-INFINITY);
+  bool nan = false;
   for (int e = 0; e < E; ++e) {
     const T l = T(logits[e]);
     if (l > m) m = l;  // NaN never compares greater: a NaN row keeps m finite where it can
+    nan = nan || l != l;
   }
   *row_max = m;
   *sum = fixed_order_sum<T>(E, [&](int64_t e) { return moe_exp(T(logits[e]) - m); });
+  if (any_nan) *any_nan = nan;
+}
+
+// The row's logsumexp with torch.logsumexp's special values. An infinite max is the answer (all
+// -inf: -inf, a +inf: +inf) because sum = sum exp(x - max) is NaN there (inf - inf); a NaN anywhere
+// makes it NaN, which m + log(sum) alone would miss when the max is infinite. any_nan is read only
+// when the max is infinite (with a finite max a NaN already makes the sum NaN).
+template <typename T>
+MOE_HD T row_logsumexp(T row_max, T sum, bool any_nan) {
+  if (any_nan) return T(NAN);
+  if (row_max == T(INFINITY) || row_max == T(-INFINITY)) return row_max;
+  return row_max + moe_log(sum);
 }
 
 // A group's score: the sum of the two best selection keys among experts [first, last), ranked with
@@ -240,8 +256,9 @@ MOE_HD void gate_token(const GatingParams& p, const In* logits, const T* bias, T
                        T* weights, T* lse, T* group_scratch = nullptr) {
   const int E = p.num_experts;
   T m, sum;
-  row_softmax_stats(logits, E, &m, &sum);
-  *lse = m + moe_log(sum);
+  bool any_nan;
+  row_softmax_stats(logits, E, &m, &sum, &any_nan);
+  *lse = row_logsumexp(m, sum, any_nan);
   const T inv_sum = T(1) / sum;
   for (int e = 0; e < E; ++e) score[e] = score_of(p.score, T(logits[e]), m, inv_sum);
 
@@ -281,7 +298,9 @@ MOE_HD void gate_token(const GatingParams& p, const In* logits, const T* bias, T
 }
 
 // Backward for one token: d logits from d weights[k], d prob_sum[E] (grad_score_sum, may be null:
-// it reaches every token's full scores) and d logsumexp. dscore: scratch of E.
+// it reaches every token's full scores) and d logsumexp (0 when absent). dscore: scratch of E.
+// A zero grad_lse adds nothing, not 0 * prob: prob is NaN on a row with an infinite logit, whose
+// sigmoid routing and its gradient are otherwise finite.
 template <typename T, typename In, typename Out>
 MOE_HD void gate_token_backward(const GatingParams& p, const In* logits, const int* ids,
                                 const T* grad_w, const T* grad_score_sum, T grad_lse, T* dscore,
@@ -301,18 +320,19 @@ MOE_HD void gate_token_backward(const GatingParams& p, const In* logits, const i
     const T l = T(logits[ids[j]]);
     chosen_sum += topk_softmax ? moe_exp(l - chosen_max) : score_of(p.score, l, m, inv_sum);
   }
-  T gw_dot_w = T(0);
+  const T s = T(p.routed_scaling);
+  T gs_dot_u = T(0);
   for (int j = 0; j < p.k; ++j) {
     const T l = T(logits[ids[j]]);
-    gw_dot_w += grad_w[j] * slot_weight(p, l, score_of(p.score, l, m, inv_sum), chosen_max, chosen_sum);
+    gs_dot_u += grad_w[j] * s * slot_share(p, l, score_of(p.score, l, m, inv_sum), chosen_max, chosen_sum);
   }
 
   for (int e = 0; e < E; ++e) dscore[e] = grad_score_sum ? grad_score_sum[e] : T(0);
   for (int j = 0; j < p.k; ++j) {
     if (topk_softmax) continue;  // these slots differentiate the logits directly, below
     const T l = T(logits[ids[j]]);
-    const T w = slot_weight(p, l, score_of(p.score, l, m, inv_sum), chosen_max, chosen_sum);
-    dscore[ids[j]] += chosen_grad(p, grad_w[j], w, chosen_sum, gw_dot_w);
+    const T u = slot_share(p, l, score_of(p.score, l, m, inv_sum), chosen_max, chosen_sum);
+    dscore[ids[j]] += chosen_grad(p, grad_w[j] * s, u, chosen_sum, gs_dot_u);
   }
   T dot = T(0);
   if (p.score == ScoreFunc::kSoftmax)
@@ -320,13 +340,13 @@ MOE_HD void gate_token_backward(const GatingParams& p, const In* logits, const i
 
   for (int e = 0; e < E; ++e) {
     const T l = T(logits[e]);
-    const T prob = moe_exp(l - m) * inv_sum;  // softmax, for the logsumexp gradient
-    T g = score_backward(p.score, score_of(p.score, l, m, inv_sum), dscore[e], dot) + grad_lse * prob;
+    T g = score_backward(p.score, score_of(p.score, l, m, inv_sum), dscore[e], dot);
+    if (grad_lse != T(0)) g += grad_lse * (moe_exp(l - m) * inv_sum);  // d lse / d l = softmax
     if (topk_softmax) {
       for (int j = 0; j < p.k; ++j) {
         if (ids[j] != e) continue;
-        const T w = slot_weight(p, l, prob, chosen_max, chosen_sum);
-        g += chosen_grad(p, grad_w[j], w, chosen_sum, gw_dot_w);
+        const T u = slot_share(p, l, T(0), chosen_max, chosen_sum);
+        g += chosen_grad(p, grad_w[j] * s, u, chosen_sum, gs_dot_u);
       }
     }
     grad_logits[e] = Out(g);

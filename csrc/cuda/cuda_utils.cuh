@@ -102,6 +102,15 @@ __device__ __forceinline__ void warp_row_stats(const float (&lg)[NPL], int lane,
   *sum_out = warp_tree_sum(s);
 }
 
+// Whether the row holds a NaN (routing.h row_logsumexp); padding entries hold 0.
+template <int NPL>
+__device__ __forceinline__ bool warp_any_nan(const float (&lg)[NPL]) {
+  bool nan = false;
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) nan = nan || lg[i] != lg[i];
+  return __any_sync(kFullMask, nan);
+}
+
 inline unsigned blocks_for(int64_t n, int64_t per_block) {
   return static_cast<unsigned>((n + per_block - 1) / per_block);
 }

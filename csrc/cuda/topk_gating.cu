@@ -91,7 +91,10 @@ gate_warp_kernel(GatingParams p, const In* __restrict__ logits, const float* __r
     }
     float m, sum;
     warp_row_stats(lg, lane, E, &m, &sum);
-    if (lane == 0) lse[t] = m + moe_log(sum);
+    // The vote only where row_logsumexp reads it, an infinite max (warp-uniform): an unconditional
+    // vote made ptxas spill registers in the NPL = 16 fp32 kernel on sm_90a.
+    const bool any_nan = (m == INFINITY || m == -INFINITY) && warp_any_nan(lg);
+    if (lane == 0) lse[t] = row_logsumexp(m, sum, any_nan);
     const float inv_sum = 1.f / sum;
 #pragma unroll
     for (int i = 0; i < NPL; ++i) {

@@ -64,11 +64,12 @@ gate_backward_warp_kernel(GatingParams p, const In* __restrict__ logits, const i
   const float my_term = topk_softmax ? moe_exp(my_l - chosen_max) : my_score;
   float chosen_sum = 0.f;
   for (int j = 0; j < k; ++j) chosen_sum += __shfl_sync(kFullMask, my_term, j);
-  const float my_w = slot_weight(p, my_l, my_score, chosen_max, chosen_sum);
-  const float my_gww = my_gw * my_w;
-  float gw_dot_w = 0.f;
-  for (int j = 0; j < k; ++j) gw_dot_w += __shfl_sync(kFullMask, my_gww, j);
-  const float my_cg = chosen_grad(p, my_gw, my_w, chosen_sum, gw_dot_w);
+  const float my_u = slot_share(p, my_l, my_score, chosen_max, chosen_sum);
+  const float my_gs = my_gw * static_cast<float>(p.routed_scaling);
+  const float my_gsu = my_gs * my_u;
+  float gs_dot_u = 0.f;
+  for (int j = 0; j < k; ++j) gs_dot_u += __shfl_sync(kFullMask, my_gsu, j);
+  const float my_cg = chosen_grad(p, my_gs, my_u, chosen_sum, gs_dot_u);
 
   float d[NPL];  // d score, then d logit
 #pragma unroll
@@ -96,11 +97,13 @@ gate_backward_warp_kernel(GatingParams p, const In* __restrict__ logits, const i
       if (lane + 32 * i < E) s += sc[i] * d[i];
     dot = warp_tree_sum(s);
   }
+  // As gate_token_backward: a zero (or absent) lse gradient adds nothing, not 0 * a NaN probability.
   const float glse = grad_lse != nullptr ? grad_lse[t] : 0.f;
 #pragma unroll
-  for (int i = 0; i < NPL; ++i) {
-    const float prob = moe_exp(lg[i] - m) * inv_sum;
-    d[i] = score_backward(p.score, sc[i], d[i], dot) + glse * prob;
+  for (int i = 0; i < NPL; ++i) d[i] = score_backward(p.score, sc[i], d[i], dot);
+  if (glse != 0.f) {  // warp-uniform
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) d[i] += glse * (moe_exp(lg[i] - m) * inv_sum);
   }
   if (topk_softmax) add_chosen(d);
 #pragma unroll
