@@ -16,7 +16,6 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
-#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
