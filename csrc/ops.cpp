@@ -1,6 +1,7 @@
 // Every op schema of moe_ext, and the Python extension module that loads them.
 //
-// The kernels register themselves per back end (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cpp for CUDA);
+// The kernels register themselves per back end (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cpp for CUDA), the
+// autograd rules at the Autograd key (csrc/autograd.cpp), the fake kernels in moe_ext/_ops.py;
 // shapes, dtypes and semantics are documented in docs/ops.md and in moe_ext/functional.py.
 #include <torch/library.h>
 

@@ -1,8 +1,11 @@
-"""Differentiable MoE ops: autograd Functions over torch.ops.moe_ext.* and the public functions.
+"""The public MoE functions over torch.ops.moe_ext.*.
 
 Shapes: T tokens, H hidden, F expert FFN size, E experts, k choices per token, S = T * k slots.
-Forward and backward call only registered ops, so torch.compile traces them without graph breaks,
-and no function here reads a device value back to the host.
+The ops carry their own autograd rules (csrc/autograd.cpp, registered at the Autograd key), so
+torch.ops.moe_ext.* are differentiable however they are called, and these functions are thin: they
+name the arguments, shape the results and check the expert weights. Forward and backward call only
+registered ops, so torch.compile traces them without graph breaks, and no function here reads a
+device value back to the host.
 """
 from typing import NamedTuple, Optional
 
@@ -16,13 +19,6 @@ __all__ = ["GatingOutput", "topk_gating", "permute", "unpermute", "grouped_gemm"
            "expert_ffn", "apply_activation", "ACTIVATIONS"]
 
 
-def _records_graph(*tensors: Optional[Tensor]) -> bool:
-    """Whether autograd records an op on these inputs. When it does not (inference, torch.no_grad,
-    frozen inputs), the public functions call the op directly: an autograd Function's Python costs
-    about 6 us a call, as much as a decode-sized kernel launch."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 class GatingOutput(NamedTuple):
     """weights [T, k] fp32 (fp64 for fp64 logits), expert_ids [T, k] int32 (best first),
     tokens_per_expert [E] int32, score_sum [E] (sum over tokens of each expert's full score: softmax
@@ -32,28 +28,6 @@ class GatingOutput(NamedTuple):
     tokens_per_expert: Tensor
     score_sum: Tensor
     lse: Tensor
-
-
-class _TopkGating(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups,
-                routed_scaling):
-        out = _ops.topk_gating(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups,
-                               routed_scaling)
-        ctx.save_for_backward(logits, out[1])
-        ctx.params = (score_func, order, renormalize, routed_scaling)
-        ctx.mark_non_differentiable(out[1], out[2])
-        ctx.set_materialize_grads(False)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_w, _g_ids, _g_tpe, grad_score_sum, grad_lse):
-        logits, ids = ctx.saved_tensors
-        if grad_w is None:
-            grad_w = torch.zeros(ids.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
-                                 device=logits.device)
-        grad = _ops.topk_gating_backward(grad_w, grad_score_sum, grad_lse, logits, ids, *ctx.params)
-        return grad, None, None, None, None, None, None, None, None
 
 
 def topk_gating(logits: Tensor, k: int, *, score_func: str = "softmax", order: str = "softmax_topk",
@@ -70,21 +44,7 @@ def topk_gating(logits: Tensor, k: int, *, score_func: str = "softmax", order: s
     Differentiable w.r.t. logits through weights, score_sum and lse.
     """
     args = (logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, float(routed_scaling))
-    return GatingOutput(*(_TopkGating.apply(*args) if _records_graph(logits) else _ops.topk_gating(*args)))
-
-
-class _Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, expert_ids, num_experts, max_rows):
-        x_sorted, offsets, row_map = _ops.permute(x, expert_ids, num_experts, max_rows)
-        ctx.save_for_backward(row_map)
-        ctx.mark_non_differentiable(offsets, row_map)
-        return x_sorted, offsets, row_map
-
-    @staticmethod
-    def backward(ctx, grad_x_sorted, _g_off, _g_rm):
-        (row_map,) = ctx.saved_tensors
-        return _ops.unpermute(grad_x_sorted, row_map, None), None, None, None
+    return GatingOutput(*_ops.topk_gating(*args))
 
 
 def permute(x: Tensor, expert_ids: Tensor, num_experts: int, max_rows: int = -1):
@@ -96,22 +56,7 @@ def permute(x: Tensor, expert_ids: Tensor, num_experts: int, max_rows: int = -1)
     that do not fit in R rows are dropped (row_map -1); rows past offsets[E] are zero. row_map[t, j] is
     the row of slot (t, j) or -1. Differentiable w.r.t. x.
     """
-    if _records_graph(x):
-        return _Permute.apply(x, expert_ids, num_experts, max_rows)
     return _ops.permute(x, expert_ids, num_experts, max_rows)
-
-
-class _Unpermute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_sorted, row_map, weights):
-        ctx.save_for_backward(y_sorted, row_map, weights)
-        return _ops.unpermute(y_sorted, row_map, weights)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        y_sorted, row_map, weights = ctx.saved_tensors
-        grad_ys, grad_w = _ops.unpermute_backward(grad_y, y_sorted, row_map, weights)
-        return grad_ys, None, (grad_w if weights is not None else None)
 
 
 def unpermute(y_sorted: Tensor, row_map: Tensor, weights: Optional[Tensor] = None) -> Tensor:
@@ -120,34 +65,7 @@ def unpermute(y_sorted: Tensor, row_map: Tensor, weights: Optional[Tensor] = Non
     Accumulates in fp32 in slot order (deterministic); dropped slots (row -1) add nothing.
     Differentiable w.r.t. y_sorted and weights.
     """
-    if _records_graph(y_sorted, weights):
-        return _Unpermute.apply(y_sorted, row_map, weights)
     return _ops.unpermute(y_sorted, row_map, weights)
-
-
-class _GroupedGemm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, expert_offsets, trans_b, bias):
-        ctx.save_for_backward(a, b, expert_offsets)
-        ctx.trans_b = trans_b
-        ctx.has_bias = bias is not None
-        return _ops.grouped_gemm(a, b, expert_offsets, trans_b, bias)
-
-    @staticmethod
-    def backward(ctx, grad_c):
-        a, b, offsets = ctx.saved_tensors
-        grad_c = grad_c.contiguous()
-        grad_a = grad_b = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_a = _ops.grouped_gemm(grad_c, b, offsets, not ctx.trans_b, None)
-        if ctx.needs_input_grad[1]:
-            grad_b = _ops.grouped_gemm_wgrad(grad_c, a, offsets) if ctx.trans_b else \
-                _ops.grouped_gemm_wgrad(a, grad_c, offsets)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            # Per-expert column sums of grad_c, as a K=1 weight gradient: deterministic, no atomics.
-            ones = grad_c.new_ones((grad_c.shape[0], 1))
-            grad_bias = _ops.grouped_gemm_wgrad(ones, grad_c, offsets).squeeze(1)
-        return grad_a, grad_b, None, None, grad_bias
 
 
 def grouped_gemm(a: Tensor, b: Tensor, expert_offsets: Tensor, trans_b: bool = False,
@@ -158,8 +76,6 @@ def grouped_gemm(a: Tensor, b: Tensor, expert_offsets: Tensor, trans_b: bool = F
     of expert e are offsets[e]:offsets[e+1]); bias [E, N]. Rows outside [offsets[0], offsets[E]) are
     zero. Differentiable w.r.t. a, b and bias; the weight gradient of an expert with no rows is zero.
     """
-    if _records_graph(a, b, bias):
-        return _GroupedGemm.apply(a, b, expert_offsets, trans_b, bias)
     return _ops.grouped_gemm(a, b, expert_offsets, trans_b, bias)
 
 
@@ -187,35 +103,16 @@ def _activation(name: str):
 
 
 def _gated(h: Tensor, activation: str) -> Tensor:
-    """moe_ext.gated_activation over the last dim of h [..., 2F] -> [..., F]."""
+    """moe_ext.gated_activation over the last dim of h [..., 2F] -> [..., F]. Its backward recomputes
+    act(gate) from h, so only h is saved."""
     h2 = h.reshape(h.shape[:-1].numel(), h.shape[-1])
     return _ops.gated_activation(h2, activation).reshape(*h.shape[:-1], h.shape[-1] // 2)
-
-
-class _GatedActivation(torch.autograd.Function):
-    """act(gate) * up over h = [gate | up] -> [.., F] in one pass (moe_ext.gated_activation); the
-    backward recomputes act(gate) from h and writes d gate and d up into one [.., 2F] gradient."""
-
-    @staticmethod
-    def forward(ctx, h, act_name):
-        ctx.save_for_backward(h)
-        ctx.act_name = act_name
-        return _gated(h, act_name)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (h,) = ctx.saved_tensors
-        h2 = h.reshape(h.shape[:-1].numel(), h.shape[-1])
-        grad_h = _ops.gated_activation_backward(grad.reshape(h2.shape[0], h2.shape[1] // 2), h2, ctx.act_name)
-        return grad_h.reshape(h.shape), None
 
 
 def apply_activation(h: Tensor, activation: str) -> Tensor:
     """act(h), or act(gate) * up over h = [gate | up] (last dim 2F -> F) for gated activations."""
     act, gated = _activation(activation)
-    if not gated:
-        return act(h)
-    return _GatedActivation.apply(h, activation) if _records_graph(h) else _gated(h, activation)
+    return _gated(h, activation) if gated else act(h)
 
 
 def check_expert_weights(w1: Tensor, w2: Tensor, activation: str, hidden: int, num_experts: Optional[int] = None):

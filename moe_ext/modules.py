@@ -127,8 +127,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"moe_ext.MoELayer: routing must be 'token_choice' or 'expert_choice', got {routing!r}")
         if score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"moe_ext.MoELayer: score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"moe_ext.MoELayer: capacity_factor must be > 0, got {capacity_factor}")
+        if capacity_factor is not None and not (0 < capacity_factor < math.inf):  # also rejects NaN
+            raise ValueError(f"moe_ext.MoELayer: capacity_factor must be a finite number > 0, got {capacity_factor}")
         if (n_group is None) != (topk_group is None):
             raise ValueError("moe_ext.MoELayer: n_group and topk_group go together")
         if shared_expert_gate and num_shared_experts <= 0:

@@ -83,6 +83,8 @@ def permute(x: Tensor, expert_ids: Tensor, num_experts: int, max_rows: int = -1)
 def unpermute(y_sorted: Tensor, row_map: Tensor, weights: Optional[Tensor] = None) -> Tensor:
     """Reference of moe_ext.unpermute, accumulated in float64."""
     T, k = row_map.shape
+    if y_sorted.shape[0] == 0:  # every slot dropped (max_rows = 0): nothing to gather
+        return y_sorted.new_zeros((T,) + tuple(y_sorted.shape[1:]))
     rows = y_sorted.double()[row_map.clamp(min=0)]  # [T, k, H]
     w = torch.ones(T, k, dtype=torch.float64) if weights is None else weights.double()
     w = torch.where(row_map >= 0, w, torch.zeros_like(w))

@@ -39,6 +39,19 @@ def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacit
     one CUDA warp on the device, so no host synchronisation).
     """
     if overflow == "drop":
+        # The reroute op checks its arguments in C++; the same checks for the drop path (id values only
+        # for CPU tensors, where reading them costs no device synchronisation).
+        if capacity < 0:
+            raise ValueError(f"moe_ext.apply_capacity: capacity must be >= 0, got {capacity}")
+        if expert_ids.dim() != 2 or expert_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"moe_ext.apply_capacity: expert_ids must be [T, k] int32 or int64, got "
+                             f"{tuple(expert_ids.shape)} {expert_ids.dtype}")
+        if expert_ids.device.type == "cpu" and expert_ids.numel():
+            bad = (expert_ids < -1) | (expert_ids >= num_experts)
+            if bad.any():
+                i = int(bad.reshape(-1).nonzero()[0])
+                raise ValueError(f"moe_ext.apply_capacity: expert_ids holds {int(expert_ids.reshape(-1)[i])} at "
+                                 f"flat index {i}, expected -1 (dropped) or a value in [0, {num_experts})")
         keep = capacity_rank(expert_ids, num_experts) < capacity
         return torch.where(keep & (expert_ids >= 0), expert_ids, torch.full_like(expert_ids, -1))
     if overflow != "reroute":

@@ -82,3 +82,21 @@ def test_reroute_follows_the_biased_selection_key():
     bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
     assert moe_ext.apply_capacity(ids, logits, 4, 2, "reroute", "sigmoid").tolist() == [[0], [0], [1]]
     assert moe_ext.apply_capacity(ids, logits, 4, 2, "reroute", "sigmoid", expert_bias=bias).tolist() == [[0], [0], [3]]
+
+
+@pytest.mark.parametrize("overflow", ["drop", "reroute"])
+def test_apply_capacity_rejects_bad_arguments_on_both_paths(overflow):
+    """The drop path checks what the reroute op checks: an id outside [-1, E) and a negative capacity
+    raise errors that name the argument (before: drop let id 9 of E = 4 through and dropped every
+    slot at capacity -1)."""
+    logits = torch.randn(1, 4)
+    with pytest.raises((ValueError, RuntimeError), match=r"expert_ids holds 9 at flat index 1.*\[0, 4\)"):
+        moe_ext.apply_capacity(torch.tensor([[0, 9]], dtype=torch.int32), logits, 4, 1, overflow)
+    with pytest.raises((ValueError, RuntimeError), match="capacity must be >= 0, got -1"):
+        moe_ext.apply_capacity(torch.tensor([[0, 1]], dtype=torch.int32), logits, 4, -1, overflow)
+
+
+@pytest.mark.parametrize("cf", [float("nan"), float("inf"), 0.0, -1.0])
+def test_layer_rejects_capacity_factor_that_is_not_finite_and_positive(cf):
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0"):
+        moe_ext.MoELayer(8, 16, 4, 2, capacity_factor=cf)

@@ -36,6 +36,8 @@ def test_permute_max_rows_clamps(max_rows):
     assert xs.shape == (max_rows, 8)
     assert torch.equal(off, roff) and torch.equal(rm, rrm) and torch.equal(xs, rxs)
     assert (rm < max_rows).all() and off[-1] <= max_rows
+    w = torch.rand(37, 3)
+    torch.testing.assert_close(moe_ext.unpermute(xs, rm, w), R.unpermute(xs, rm, w))  # also R = 0 rows
 
 
 def test_permute_stable_token_order_and_empty_experts():
