@@ -16,9 +16,11 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace moe_ext {
 namespace {
@@ -57,6 +59,16 @@ bool recording(const Ts&... ts) {
 
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
+// An Error node behind the pointer type of this torch's autograd graph: std::shared_ptr<Node> up to
+// torch 2.11 at least (the GPU machines' version), c10::intrusive_ptr<Node> in 2.14.
+template <typename NodePtr>
+NodePtr make_error_node(const std::string& msg, torch::autograd::edge_list&& edges) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>)
+    return std::make_shared<torch::autograd::Error>(msg, std::move(edges));
+  else
+    return c10::make_intrusive<torch::autograd::Error>(msg, std::move(edges));
+}
+
 // Runs a backward without recording it. Under create_graph=True, with any input of the backward
 // (incoming gradients, saved tensors) requiring grad, the gradients get an Error node whose edges lead
 // to those inputs: a second differentiation reaches it and raises, as with Python's
@@ -79,7 +91,7 @@ variable_list once_differentiable(const char* name, const variable_list& grads, 
   const std::string msg = std::string("moe_ext::") + name +
                           ": double backward is not supported (the op's backward is not differentiable)";
   return torch::autograd::wrap_outputs(inputs, std::move(outs), [&](torch::autograd::edge_list&& edges) {
-    return c10::make_intrusive<torch::autograd::Error>(msg, std::move(edges));
+    return make_error_node<torch::autograd::function_constructor::result_type>(msg, std::move(edges));
   });
 }
 
