@@ -215,9 +215,7 @@ struct GroupedGemm : torch::autograd::Function<GroupedGemm> {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({a, b, expert_offsets});
     ctx->saved_data["trans_b"] = trans_b;
-    ctx->saved_data["grad_a"] = a.requires_grad();
-    ctx->saved_data["grad_b"] = b.requires_grad();
-    ctx->saved_data["grad_bias"] = needs_grad(bias);
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return gemm.call(a, b, expert_offsets, trans_b, bias);
   }
 
@@ -230,10 +228,12 @@ struct GroupedGemm : torch::autograd::Function<GroupedGemm> {
     return once_differentiable("grouped_gemm", grads, saved, [&]() -> variable_list {
       const Tensor grad_c = grads[0].contiguous();
       Tensor grad_a, grad_b, grad_bias;
-      if (ctx->saved_data["grad_a"].toBool()) grad_a = gemm.call(grad_c, b, offsets, !trans_b, std::nullopt);
-      if (ctx->saved_data["grad_b"].toBool())
+      // Edges are the tensor arguments: a, b, expert_offsets, then bias when given. Only what this
+      // backward pass asks for is computed (torch.autograd.grad(loss, x) skips the weight gradient).
+      if (ctx->needs_input_grad(0)) grad_a = gemm.call(grad_c, b, offsets, !trans_b, std::nullopt);
+      if (ctx->needs_input_grad(1))
         grad_b = trans_b ? wgrad.call(grad_c, a, offsets) : wgrad.call(a, grad_c, offsets);
-      if (ctx->saved_data["grad_bias"].toBool()) {
+      if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
         // Per-expert column sums of grad_c, as a K = 1 weight gradient: deterministic, no atomics.
         grad_bias = wgrad.call(at::ones({grad_c.size(0), 1}, grad_c.options()), grad_c, offsets).squeeze(1);
       }
