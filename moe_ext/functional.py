@@ -7,6 +7,7 @@ name the arguments, shape the results and check the expert weights. Forward and 
 registered ops, so torch.compile traces them without graph breaks, and no function here reads a
 device value back to the host.
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -105,7 +106,8 @@ def _activation(name: str):
 def _gated(h: Tensor, activation: str) -> Tensor:
     """moe_ext.gated_activation over the last dim of h [..., 2F] -> [..., F]. Its backward recomputes
     act(gate) from h, so only h is saved."""
-    h2 = h.reshape(h.shape[:-1].numel(), h.shape[-1])
+    # math.prod, not torch.Size.numel(): the latter makes torch.export specialise a dynamic token count.
+    h2 = h.reshape(math.prod(h.shape[:-1]), h.shape[-1])
     return _ops.gated_activation(h2, activation).reshape(*h.shape[:-1], h.shape[-1] // 2)
 
 

@@ -69,7 +69,9 @@ class OffloadedMoE(nn.Module):
     Attributes: device, num_slots (= min(N, E)), cache_w1/cache_w2/cache_b1/cache_b2 (the device
     buffers), host_w1/host_w2/host_b1/host_b2 (the store), last_needed (the experts the last forward
     needed, a host list), last_stats/aux_loss (as MoELayer). Methods: forward, prefetch,
-    resident_experts, num_resident, stats, reset_stats.
+    resident_experts, num_resident, stats, reset_stats. state_dict holds the routed experts under
+    MoELayer's names (experts.w1, experts.w2, experts.b1, experts.b2); load_state_dict copies them into
+    the host store and empties the device cache.
     """
 
     # The routing is the layer's own code (it reads only the router and the routing attributes).
@@ -131,6 +133,11 @@ class OffloadedMoE(nn.Module):
         self.aux_loss: Tensor = torch.zeros(())
         self.last_stats: dict = {}
         self.reset_stats()
+        # The routed experts are plain tensors, so state_dict would leave them out and load_state_dict
+        # would report a match while keeping the old experts. They travel under MoELayer's names
+        # (experts.w1, ...), so a MoELayer's state_dict loads here and this one loads into a MoELayer.
+        self.register_state_dict_post_hook(_save_host_experts)
+        self.register_load_state_dict_pre_hook(_load_host_experts)
 
     # ------------------------------------------------------------------ bookkeeping
     def reset_stats(self) -> None:
@@ -350,6 +357,42 @@ class OffloadedMoE(nn.Module):
         offsets[1:] = torch.cumsum(counts_dev, 0)
         self._record(T, logits, offsets, tokens_chosen, score_sum, lse)
         return y.reshape(shape)
+
+
+_EXPERT_TENSORS = ("w1", "w2", "b1", "b2")
+
+
+def _save_host_experts(module: "OffloadedMoE", state_dict, prefix, local_metadata) -> None:
+    for name in _EXPERT_TENSORS:
+        t = getattr(module, "host_" + name)
+        if t is not None:
+            state_dict[prefix + "experts." + name] = t
+
+
+def _load_host_experts(module: "OffloadedMoE", state_dict, prefix, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs) -> None:
+    """Copies experts.* into the host store (checking shapes) and empties the device cache, whose
+    slots hold the old experts."""
+    if module._copy_stream is not None:
+        module._copy_stream.synchronize()  # no copy may still read the host store being overwritten
+    for name in _EXPERT_TENSORS:
+        key, dst = prefix + "experts." + name, getattr(module, "host_" + name)
+        if dst is None:
+            continue
+        if key not in state_dict:
+            missing_keys.append(key)
+            continue
+        src = state_dict.pop(key)
+        if tuple(src.shape) != tuple(dst.shape):
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(src.shape)} from "
+                              f"checkpoint, the shape in current model is {tuple(dst.shape)}.")
+            continue
+        with torch.no_grad():
+            dst.copy_(src)
+    module._lru.clear()
+    module._free = list(range(module.num_slots - 1, -1, -1))
+    module._slot_event = {}
+    module._prefetched_unused = set()
 
 
 def _frozen_copy(module: nn.Module, device: torch.device) -> nn.Module:

@@ -39,14 +39,15 @@ def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacit
     one CUDA warp on the device, so no host synchronisation).
     """
     if overflow == "drop":
-        # The reroute op checks its arguments in C++; the same checks for the drop path (id values only
-        # for CPU tensors, where reading them costs no device synchronisation).
-        if capacity < 0:
+        # The reroute op checks its arguments in C++; the same checks for the drop path. Id values only
+        # in eager mode on CPU tensors, where reading them costs no device synchronisation and no graph
+        # break (permute checks them again on the CPU either way).
+        if isinstance(capacity, int) and capacity < 0:
             raise ValueError(f"moe_ext.apply_capacity: capacity must be >= 0, got {capacity}")
         if expert_ids.dim() != 2 or expert_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"moe_ext.apply_capacity: expert_ids must be [T, k] int32 or int64, got "
                              f"{tuple(expert_ids.shape)} {expert_ids.dtype}")
-        if expert_ids.device.type == "cpu" and expert_ids.numel():
+        if expert_ids.device.type == "cpu" and not torch.compiler.is_compiling() and expert_ids.numel():
             bad = (expert_ids < -1) | (expert_ids >= num_experts)
             if bad.any():
                 i = int(bad.reshape(-1).nonzero()[0])

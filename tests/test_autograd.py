@@ -147,6 +147,7 @@ def test_layer_double_backward_raises():
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"capacity_factor": 1.0, "overflow": "reroute", "bias": True},
+                                    {"capacity_factor": 0.75}, {"routing": "expert_choice"},
                                     {"score_func": "sigmoid", "n_group": 2, "topk_group": 1, "num_shared_experts": 1}])
 def test_export_training(kwargs):
     """A torch.export program calls the raw ops; run with parameters that require grad, its output and
@@ -170,3 +171,18 @@ def test_export_training(kwargs):
     params = dict(exported.named_parameters())
     for name, p in layer.named_parameters():
         torch.testing.assert_close(params[name].grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_no_mul"])
+def test_export_dynamic_token_count(activation):
+    """One exported program for any token count (dropless token choice; capacity and expert choice size
+    their buffers from ceil(cf * T * k / E) and specialise on T)."""
+    torch.manual_seed(0)
+    layer = moe_ext.MoELayer(24, 16, 5, 2, activation=activation).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(layer, (torch.randn(6, 24, dtype=torch.float64),),
+                                 dynamic_shapes={"x": {0: torch.export.Dim("T", min=1, max=512)}})
+    for T in (1, 7, 300):
+        x = torch.randn(T, 24, dtype=torch.float64)
+        torch.testing.assert_close(ep.module()(x), layer(x), rtol=1e-12, atol=1e-12)

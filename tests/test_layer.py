@@ -201,6 +201,22 @@ def test_torch_compile_fullgraph():
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("kwargs", [{"capacity_factor": 0.75}, {"capacity_factor": 0.75, "overflow": "reroute"},
+                                    {"routing": "expert_choice"}])
+def test_torch_compile_fullgraph_routing_policies(kwargs):
+    """Capacity and expert choice trace without a graph break (aot_eager: dynamo and AOTAutograd, no
+    inductor codegen). A data-dependent check in apply_capacity once broke the drop path here."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = moe_ext.MoELayer(16, 24, 4, 2, aux_loss_coef=0.01, **kwargs)
+    x = torch.randn(12, 16, requires_grad=True)
+    y = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(y, layer(x))
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    (rx,) = torch.autograd.grad(layer(x).square().sum(), x)
+    torch.testing.assert_close(gx, rx)
+
+
 def test_build_info():
     info = moe_ext.build_info()
     assert isinstance(info["cuda"], bool) and isinstance(info["cuda_archs"], list)

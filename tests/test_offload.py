@@ -212,3 +212,44 @@ def test_cuda_bench_quick(tmp_path):
     res = bench_cache_sizes([1, 4, 8], device="cuda", scale=8, tokens=4, batches=4, repeats=2,
                             out_png=str(tmp_path / "offload_cuda.png"))
     assert len(res["results"]) == 3
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": True, "num_shared_experts": 1}])
+def test_state_dict_carries_the_routed_experts(kw):
+    """The routed experts (host tensors, not parameters) are saved under MoELayer's names and loaded
+    back, and loading empties the device cache: before, state_dict left them out and load_state_dict
+    reported a match while keeping the old experts."""
+    a = make_layer(**kw)
+    torch.manual_seed(1)
+    b = moe_ext.MoELayer(H, F, E, K, dtype=torch.float64, **kw).eval()
+    off_a, off_b = offload_experts(a, 2, device="cpu"), offload_experts(b, 2, device="cpu")
+    sd = off_a.state_dict()
+    assert {f"experts.{n}" for n in ("w1", "w2") + (("b1", "b2") if kw else ())} <= set(sd)
+    assert set(sd) == set(a.state_dict())
+    xs = batches()
+    with torch.no_grad():
+        off_b(xs[0])  # fills off_b's cache with b's experts, which loading must not leave behind
+        assert off_b.num_resident() > 0
+        off_b.load_state_dict(sd)
+        assert off_b.num_resident() == 0
+    off_b.reset_stats()  # check() counts lookups from here
+    check(a, off_b, xs, 2)
+    # the same names both ways: a MoELayer loads an offloaded module's state_dict, and the reverse
+    c = moe_ext.MoELayer(H, F, E, K, dtype=torch.float64, **kw).eval()
+    c.load_state_dict(off_a.state_dict())
+    check(c, off_a, xs, 2)
+    off_c = offload_experts(moe_ext.MoELayer(H, F, E, K, dtype=torch.float64, **kw).eval(), 3, device="cpu")
+    off_c.load_state_dict(a.state_dict())
+    check(a, off_c, xs, 3)
+
+
+def test_load_state_dict_reports_missing_and_mismatched_experts():
+    off = offload_experts(make_layer(), 2, device="cpu")
+    sd = off.state_dict()
+    del sd["experts.w2"]
+    with pytest.raises(RuntimeError, match="Missing key.*experts.w2"):
+        off.load_state_dict(sd)
+    sd = off.state_dict()
+    sd["experts.w1"] = sd["experts.w1"][:, :-1]
+    with pytest.raises(RuntimeError, match="size mismatch for experts.w1"):
+        off.load_state_dict(sd)
