@@ -97,13 +97,21 @@ variable_list once_differentiable(const char* name, const variable_list& grads, 
 
 // ------------------------------------------------------------------------------------ topk_gating
 struct TopkGating : torch::autograd::Function<TopkGating> {
+  // The op's CPU / CUDA kernel (below the Autograd key): what forward runs, and the whole call when
+  // nothing needs a gradient.
+  static GatingOut below(const Tensor& logits, int64_t k, c10::string_view score_func, c10::string_view order,
+                         bool renormalize, const OptTensor& expert_bias, int64_t num_groups, int64_t topk_groups,
+                         double routed_scaling) {
+    MOE_OP(gating, "topk_gating", GatingSig);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return gating.call(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, routed_scaling);
+  }
+
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, int64_t k, c10::string_view score_func,
                                c10::string_view order, bool renormalize, const OptTensor& expert_bias,
                                int64_t num_groups, int64_t topk_groups, double routed_scaling) {
-    MOE_OP(gating, "topk_gating", GatingSig);
-    at::AutoDispatchBelowADInplaceOrView guard;
     auto [w, ids, tpe, score_sum, lse] =
-        gating.call(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, routed_scaling);
+        below(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, routed_scaling);
     ctx->save_for_backward({logits, ids});
     ctx->saved_data["score_func"] = std::string(score_func);
     ctx->saved_data["order"] = std::string(order);
@@ -136,11 +144,9 @@ struct TopkGating : torch::autograd::Function<TopkGating> {
 GatingOut topk_gating_autograd(const Tensor& logits, int64_t k, c10::string_view score_func, c10::string_view order,
                                bool renormalize, const OptTensor& expert_bias, int64_t num_groups,
                                int64_t topk_groups, double routed_scaling) {
-  if (!recording(logits)) {
-    MOE_OP(gating, "topk_gating", GatingSig);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return gating.call(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, routed_scaling);
-  }
+  if (!recording(logits))
+    return TopkGating::below(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups,
+                             routed_scaling);
   auto out = TopkGating::apply(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups,
                                routed_scaling);
   return {out[0], out[1], out[2], out[3], out[4]};
@@ -148,11 +154,15 @@ GatingOut topk_gating_autograd(const Tensor& logits, int64_t k, c10::string_view
 
 // ---------------------------------------------------------------------------------------- permute
 struct Permute : torch::autograd::Function<Permute> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& expert_ids, int64_t num_experts,
-                               int64_t max_rows) {
+  static PermuteOut below(const Tensor& x, const Tensor& expert_ids, int64_t num_experts, int64_t max_rows) {
     MOE_OP(permute, "permute", PermuteSig);
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [x_sorted, offsets, row_map] = permute.call(x, expert_ids, num_experts, max_rows);
+    return permute.call(x, expert_ids, num_experts, max_rows);
+  }
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& expert_ids, int64_t num_experts,
+                               int64_t max_rows) {
+    auto [x_sorted, offsets, row_map] = below(x, expert_ids, num_experts, max_rows);
     ctx->save_for_backward({row_map});
     ctx->mark_non_differentiable({offsets, row_map});
     return {x_sorted, offsets, row_map};
@@ -169,22 +179,22 @@ struct Permute : torch::autograd::Function<Permute> {
 };
 
 PermuteOut permute_autograd(const Tensor& x, const Tensor& expert_ids, int64_t num_experts, int64_t max_rows) {
-  if (!recording(x)) {
-    MOE_OP(permute, "permute", PermuteSig);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return permute.call(x, expert_ids, num_experts, max_rows);
-  }
+  if (!recording(x)) return Permute::below(x, expert_ids, num_experts, max_rows);
   auto out = Permute::apply(x, expert_ids, num_experts, max_rows);
   return {out[0], out[1], out[2]};
 }
 
 // -------------------------------------------------------------------------------------- unpermute
 struct Unpermute : torch::autograd::Function<Unpermute> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& y_sorted, const Tensor& row_map, const OptTensor& weights) {
+  static Tensor below(const Tensor& y_sorted, const Tensor& row_map, const OptTensor& weights) {
     MOE_OP(unpermute, "unpermute", UnpermuteSig);
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({y_sorted, row_map, weights.value_or(Tensor())});
     return unpermute.call(y_sorted, row_map, weights);
+  }
+
+  static Tensor forward(AutogradContext* ctx, const Tensor& y_sorted, const Tensor& row_map, const OptTensor& weights) {
+    ctx->save_for_backward({y_sorted, row_map, weights.value_or(Tensor())});
+    return below(y_sorted, row_map, weights);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -199,24 +209,25 @@ struct Unpermute : torch::autograd::Function<Unpermute> {
 };
 
 Tensor unpermute_autograd(const Tensor& y_sorted, const Tensor& row_map, const OptTensor& weights) {
-  if (!recording(y_sorted, weights)) {
-    MOE_OP(unpermute, "unpermute", UnpermuteSig);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return unpermute.call(y_sorted, row_map, weights);
-  }
+  if (!recording(y_sorted, weights)) return Unpermute::below(y_sorted, row_map, weights);
   return Unpermute::apply(y_sorted, row_map, weights);
 }
 
 // ----------------------------------------------------------------------------------- grouped_gemm
 struct GroupedGemm : torch::autograd::Function<GroupedGemm> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b, const Tensor& expert_offsets,
-                        bool trans_b, const OptTensor& bias) {
+  static Tensor below(const Tensor& a, const Tensor& b, const Tensor& expert_offsets, bool trans_b,
+                      const OptTensor& bias) {
     MOE_OP(gemm, "grouped_gemm", GemmSig);
     at::AutoDispatchBelowADInplaceOrView guard;
+    return gemm.call(a, b, expert_offsets, trans_b, bias);
+  }
+
+  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b, const Tensor& expert_offsets,
+                        bool trans_b, const OptTensor& bias) {
     ctx->save_for_backward({a, b, expert_offsets});
     ctx->saved_data["trans_b"] = trans_b;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    return gemm.call(a, b, expert_offsets, trans_b, bias);
+    return below(a, b, expert_offsets, trans_b, bias);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -244,22 +255,22 @@ struct GroupedGemm : torch::autograd::Function<GroupedGemm> {
 
 Tensor grouped_gemm_autograd(const Tensor& a, const Tensor& b, const Tensor& expert_offsets, bool trans_b,
                              const OptTensor& bias) {
-  if (!recording(a, b, bias)) {
-    MOE_OP(gemm, "grouped_gemm", GemmSig);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return gemm.call(a, b, expert_offsets, trans_b, bias);
-  }
+  if (!recording(a, b, bias)) return GroupedGemm::below(a, b, expert_offsets, trans_b, bias);
   return GroupedGemm::apply(a, b, expert_offsets, trans_b, bias);
 }
 
 // ------------------------------------------------------------------------------- gated_activation
 struct GatedActivation : torch::autograd::Function<GatedActivation> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& h, c10::string_view activation) {
+  static Tensor below(const Tensor& h, c10::string_view activation) {
     MOE_OP(act, "gated_activation", ActSig);
     at::AutoDispatchBelowADInplaceOrView guard;
+    return act.call(h, activation);
+  }
+
+  static Tensor forward(AutogradContext* ctx, const Tensor& h, c10::string_view activation) {
     ctx->save_for_backward({h});
     ctx->saved_data["activation"] = std::string(activation);
-    return act.call(h, activation);
+    return below(h, activation);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -274,11 +285,7 @@ struct GatedActivation : torch::autograd::Function<GatedActivation> {
 };
 
 Tensor gated_activation_autograd(const Tensor& h, c10::string_view activation) {
-  if (!recording(h)) {
-    MOE_OP(act, "gated_activation", ActSig);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return act.call(h, activation);
-  }
+  if (!recording(h)) return GatedActivation::below(h, activation);
   return GatedActivation::apply(h, activation);
 }
 

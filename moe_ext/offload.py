@@ -124,10 +124,7 @@ class OffloadedMoE(nn.Module):
         self.expert_bytes = sum(t[0].numel() * t.element_size()
                                 for t in (self.host_w1, self.host_w2, self.host_b1, self.host_b2) if t is not None)
         self._copy_stream = torch.cuda.Stream(device=device) if self.asynchronous else None
-        self._lru: "collections.OrderedDict[int, int]" = collections.OrderedDict()  # expert -> slot, LRU first
-        self._free: List[int] = list(range(self.num_slots - 1, -1, -1))  # pop() gives slot 0 first
-        self._slot_event = {}  # slot -> CUDA event of a prefetch copy not yet waited on
-        self._prefetched_unused = set()
+        self._empty_cache()
         self._timings = []  # (start, end) CUDA event pairs around copy waits, read lazily in stats()
         self.last_needed: List[int] = []
         self.aux_loss: Tensor = torch.zeros(())
@@ -140,6 +137,13 @@ class OffloadedMoE(nn.Module):
         self.register_load_state_dict_pre_hook(_load_host_experts)
 
     # ------------------------------------------------------------------ bookkeeping
+    def _empty_cache(self) -> None:
+        """No expert resident: every slot free (the slots' contents are stale, not cleared)."""
+        self._lru: "collections.OrderedDict[int, int]" = collections.OrderedDict()  # expert -> slot, LRU first
+        self._free: List[int] = list(range(self.num_slots - 1, -1, -1))  # pop() gives slot 0 first
+        self._slot_event = {}  # slot -> CUDA event of a prefetch copy not yet waited on
+        self._prefetched_unused = set()
+
     def reset_stats(self) -> None:
         """Zero the counters (the cache contents stay)."""
         self._timings = []
@@ -389,10 +393,7 @@ def _load_host_experts(module: "OffloadedMoE", state_dict, prefix, local_metadat
             continue
         with torch.no_grad():
             dst.copy_(src)
-    module._lru.clear()
-    module._free = list(range(module.num_slots - 1, -1, -1))
-    module._slot_event = {}
-    module._prefetched_unused = set()
+    module._empty_cache()
 
 
 def _frozen_copy(module: nn.Module, device: torch.device) -> nn.Module:
