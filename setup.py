@@ -7,6 +7,10 @@ Environment:
   MOE_EXT_CUTLASS_DIR       CUTLASS include dir (default: the nvidia-cutlass wheel's headers)
   MOE_EXT_BUILD_DIR         CMake build dir (default: build/cmake-<python>-<torch>; kept for incremental builds)
   DEBUG=1                   -O0 -g
+  MOE_EXT_CXX_PROBE=0       skip the compiler check (scripts/cxx_probe.py): by default the C++ compiler CMake
+                            would use ($CXX, else c++) is first tried on a small library loaded next to torch,
+                            and a compiler that breaks there (one linking its own libstdc++) is replaced by one
+                            that passes
 """
 import os
 import shutil
@@ -36,6 +40,28 @@ def _cmake_exe():
         return exe
 
 
+def _choose_cxx():
+    """(compiler, switched): the C++ compiler to build with (scripts/cxx_probe.py), or None to leave the
+    choice to CMake; switched when it is not the one CMake would have picked."""
+    if os.environ.get("MOE_EXT_CXX_PROBE", "1") == "0":
+        return None, False
+    import importlib.util
+
+    path = os.path.join(ROOT, "scripts", "cxx_probe.py")
+    if not os.path.exists(path):
+        print(f"moe_ext: {path} is missing: the C++ compiler is not checked", file=sys.stderr)
+        return None, False
+    spec = importlib.util.spec_from_file_location("moe_ext_cxx_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    requested = probe.default_compiler()
+    if requested is None:
+        return None, False  # CMake reports the missing compiler
+    cxx, message = probe.choose(requested)
+    print(message, file=sys.stderr if cxx != requested else sys.stdout)
+    return shutil.which(cxx) or cxx, cxx != requested
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         import torch  # noqa: F401  (fail early and clearly if torch is missing: use --no-build-isolation)
@@ -58,12 +84,22 @@ class CMakeBuild(build_ext):
         except ImportError:
             if shutil.which("ninja"):
                 args += ["-G", "Ninja"]
+        cxx, switched = _choose_cxx()
+        if cxx is not None:
+            args.append(f"-DCMAKE_CXX_COMPILER={cxx}")
+            if switched and not os.environ.get("CUDAHOSTCXX"):
+                args.append(f"-DCMAKE_CUDA_HOST_COMPILER={cxx}")  # nvcc's host code from the same compiler
         cache = os.path.join(build_dir, "CMakeCache.txt")
-        if os.path.exists(cache):  # a generator switch would fail on the old cache
+        if os.path.exists(cache):  # a generator or compiler switch would fail on the old cache
             with open(cache) as f:
-                if ("CMAKE_GENERATOR:INTERNAL=Ninja" in f.read()) != ("Ninja" in args):
-                    shutil.rmtree(build_dir)
-                    os.makedirs(build_dir)
+                text = f.read()
+            stale = ("CMAKE_GENERATOR:INTERNAL=Ninja" in text) != ("Ninja" in args)
+            if cxx is not None:
+                cached = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("CMAKE_CXX_COMPILER:")]
+                stale |= bool(cached) and os.path.realpath(cached[0]) != os.path.realpath(cxx)
+            if stale:
+                shutil.rmtree(build_dir)
+                os.makedirs(build_dir)
         cmake = _cmake_exe()
         subprocess.run([cmake, "-S", ROOT, "-B", build_dir, *args], check=True)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)

@@ -48,6 +48,7 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_version"] = std::string(MOE_EXT_CUDA_VERSION);
     info["cutlass"] = MOE_EXT_WITH_CUTLASS ? py::object(py::str(MOE_EXT_CUTLASS_VERSION)) : py::none();
     info["torch"] = std::string(MOE_EXT_TORCH_VERSION);
+    info["cxx"] = std::string(MOE_EXT_CXX);
     py::dict gemm;  // which CUDA grouped GEMM kernel families are in (docs/grouped_gemm.md)
     gemm["sm80"] = MOE_EXT_GEMM_SM80 != 0;
     gemm["sm90"] = MOE_EXT_GEMM_SM90 != 0;
@@ -59,7 +60,7 @@ PYBIND11_MODULE(_C, m) {
     info["grouped_gemm"] = gemm;
     return info;
   }, "How this build of moe_ext was compiled: CUDA on/off, archs, CUTLASS version, torch version, "
-     "grouped GEMM kernel families.");
+     "C++ compiler, grouped GEMM kernel families.");
   m.def("cpu_cache_stats", [] {
     const auto s = moe_ext::cpu_cache_stats();
     py::dict d;

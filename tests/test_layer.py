@@ -221,6 +221,7 @@ def test_build_info():
     info = moe_ext.build_info()
     assert isinstance(info["cuda"], bool) and isinstance(info["cuda_archs"], list)
     assert info["cutlass"] is None or isinstance(info["cutlass"], str)
+    assert info["cxx"].split()[0] in ("GNU", "Clang", "AppleClang", "IntelLLVM"), info["cxx"]
     if info["cuda"]:
         assert info["cuda_archs"], info
     gemm = info["grouped_gemm"]

@@ -20,6 +20,9 @@
 #ifndef MOE_EXT_CUTLASS_VERSION
 #define MOE_EXT_CUTLASS_VERSION ""
 #endif
+#ifndef MOE_EXT_CXX
+#define MOE_EXT_CXX ""
+#endif
 #ifndef MOE_EXT_TORCH_VERSION
 #define MOE_EXT_TORCH_VERSION ""
 #endif
