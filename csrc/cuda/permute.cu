@@ -13,8 +13,9 @@
 //              past expert_offsets[E], which is read on the device.
 // The per-warp cursors live in shared memory when E is small enough, else in the base rows.
 //
-// unpermute / unpermute_backward: one warp per token (per slot), fixed slot order j = 0..k-1, acc
-// accumulation, no floating-point atomics. With --fmad=false, unpermute matches the CPU bit for bit.
+// unpermute: one warp per token (per slice of its row when there are few tokens), unpermute_backward:
+// one warp per slot. Fixed slot order j = 0..k-1, acc accumulation, no floating-point atomics. With
+// --fmad=false, unpermute matches the CPU bit for bit.
 #include <algorithm>
 
 #include "cuda_utils.cuh"
@@ -26,6 +27,7 @@ constexpr int kWarps = 4;                      // warps per block of the count a
 constexpr int64_t kSmemExperts = 3072;         // kWarps * E ints of cursors <= 48 KB
 constexpr int64_t kHistCells = int64_t(4) << 20;  // bound on chunks * E (two int arrays of it)
 constexpr int kRowWarps = 8;                   // warps per block of the row kernels
+constexpr int64_t kUnpermuteWarps = 4096;      // unpermute: slice rows until about this many warps run
 
 struct PermutePlan {
   int64_t chunk;    // slots per warp chunk, a multiple of 32
@@ -199,26 +201,71 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// One warp per (token, slice of the row): the row's units [u0, u1) of token t. Slicing only when there
+// are few tokens (decode), so that enough warps are in flight; with many tokens a warp owns a whole
+// row. The token's k (row, weight) pairs are read once into shared memory (k <= 32) instead of once
+// per unit, and the k gathered rows are loaded kGather at a time before they are summed, so a lane
+// has several loads in flight; the sum still runs over j = 0..k-1 in order, as the CPU kernel's does.
+// Minimum 1 block per SM in the launch bounds: without it ptxas held the 16-byte-pack kernels to 64
+// registers on sm_90a and spilled (scripts/check_sass.py allows no local memory).
+constexpr int kGather = 4;
+constexpr int kSharedSlots = 32;
+
 template <typename T, int N>
-__global__ void __launch_bounds__(kRowWarps * 32)
+__global__ void __launch_bounds__(kRowWarps * 32, 1)
 unpermute_kernel(const Pack<T, N>* __restrict__ ys, const int64_t* __restrict__ row_map,
                  const typename AccOf<T>::type* __restrict__ weights, Pack<T, N>* __restrict__ y, int64_t T_,
-                 int64_t k, int64_t units, int64_t R) {
+                 int64_t k, int64_t units, int64_t R, int64_t slices, int64_t slice_units) {
   using Acc = typename AccOf<T>::type;
-  const int lane = threadIdx.x & 31;
-  const int64_t t = int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
-  if (t >= T_) return;
-  for (int64_t u = lane; u < units; u += 32) {
+  __shared__ int64_t s_row[kRowWarps][kSharedSlots];
+  __shared__ Acc s_w[kRowWarps][kSharedSlots];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t gw = int64_t(blockIdx.x) * kRowWarps + warp;
+  if (gw >= T_ * slices) return;  // warp-uniform
+  const int64_t t = gw / slices, u0 = gw % slices * slice_units;
+  const int64_t u1 = u0 + slice_units < units ? u0 + slice_units : units;
+  const bool shared_slots = k <= kSharedSlots;
+  if (shared_slots) {
+    if (lane < k) {
+      s_row[warp][lane] = row_map[t * k + lane];
+      s_w[warp][lane] = weights != nullptr ? weights[t * k + lane] : Acc(1);
+    }
+    __syncwarp();
+  }
+  for (int64_t u = u0 + lane; u < u1; u += 32) {
     Acc sum[N];
 #pragma unroll
     for (int n = 0; n < N; ++n) sum[n] = Acc(0);
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t row = row_map[t * k + j];
-      if (row < 0 || row >= R) continue;  // dropped (an out-of-range row is a caller error: skip it)
-      const Acc w = weights != nullptr ? weights[t * k + j] : Acc(1);
-      const Pack<T, N> p = ys[row * units + u];
+    for (int64_t j0 = 0; j0 < k; j0 += kGather) {
+      Pack<T, N> p[kGather];
+      Acc w[kGather];
+      bool use[kGather];
 #pragma unroll
-      for (int n = 0; n < N; ++n) sum[n] += w * static_cast<Acc>(p.v[n]);
+      for (int g = 0; g < kGather; ++g) {
+        const int64_t j = j0 + g;
+        int64_t row = -1;
+        w[g] = Acc(0);
+        if (j < k && shared_slots) {
+          row = s_row[warp][j];
+          w[g] = s_w[warp][j];
+        } else if (j < k) {
+          row = row_map[t * k + j];
+          w[g] = weights != nullptr ? weights[t * k + j] : Acc(1);
+        }
+        use[g] = row >= 0 && row < R;  // dropped (-1); an out-of-range row is a caller error: skip it
+        if (use[g]) {
+          p[g] = ys[row * units + u];
+        } else {
+#pragma unroll
+          for (int n = 0; n < N; ++n) p[g].v[n] = T(0);
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kGather; ++g) {
+        if (!use[g]) continue;
+#pragma unroll
+        for (int n = 0; n < N; ++n) sum[n] += w[g] * static_cast<Acc>(p[g].v[n]);
+      }
     }
     Pack<T, N> o;
 #pragma unroll
@@ -362,14 +409,24 @@ cudaError_t launch_unpermute(DType dt, const void* y_sorted, const int64_t* row_
     using Tp = typename decltype(tag)::type;
     using Acc = typename AccOf<Tp>::type;
     constexpr int N = vec16<Tp>();
-    const unsigned grid = blocks_for(T, kRowWarps);
     const Acc* w = static_cast<const Acc*>(weights);
-    if (H % N == 0 && aligned16(y_sorted) && aligned16(y)) {
+    const bool vec = H % N == 0 && aligned16(y_sorted) && aligned16(y);
+    const int64_t units = vec ? H / N : H;
+    // Slices of whole 32-unit chunks, as many as it takes to put ~kUnpermuteWarps warps in flight.
+    const int64_t chunks = (units + 31) / 32;
+    const int64_t want = (kUnpermuteWarps + T - 1) / T;
+    const int64_t slices0 = std::min(chunks, std::max<int64_t>(want, 1));
+    const int64_t slice_units = (chunks + slices0 - 1) / slices0 * 32;
+    const int64_t slices = (units + slice_units - 1) / slice_units;
+    const unsigned grid = blocks_for(T * slices, kRowWarps);
+    if (vec) {
       unpermute_kernel<Tp, N><<<grid, kRowWarps * 32, 0, stream>>>(
-          static_cast<const Pack<Tp, N>*>(y_sorted), row_map, w, static_cast<Pack<Tp, N>*>(y), T, k, H / N, R);
+          static_cast<const Pack<Tp, N>*>(y_sorted), row_map, w, static_cast<Pack<Tp, N>*>(y), T, k, units, R,
+          slices, slice_units);
     } else {
       unpermute_kernel<Tp, 1><<<grid, kRowWarps * 32, 0, stream>>>(
-          static_cast<const Pack<Tp, 1>*>(y_sorted), row_map, w, static_cast<Pack<Tp, 1>*>(y), T, k, H, R);
+          static_cast<const Pack<Tp, 1>*>(y_sorted), row_map, w, static_cast<Pack<Tp, 1>*>(y), T, k, units, R,
+          slices, slice_units);
     }
     MOE_CUDA_LAUNCH_CHECK();
     return cudaSuccess;
