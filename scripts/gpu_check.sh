@@ -178,6 +178,17 @@ OPTIONAL=1 MIN_S=40 step bench_kernels 90 "$FINAL_RESERVE" bash -c "mkdir -p '$B
     $PY bench/routing_kernels.py '$BENCH_DIR/routing_kernels.json' && \
     $PY bench/gemm_kernels.py --quick --out '$BENCH_DIR/gemm_kernels.json'"
 
+# Why DeepSeek-V3 gating takes ~32 us per block (bench/NOTES.md, baseline): ncu on one warp-kernel launch.
+if command -v ncu >/dev/null; then
+    OPTIONAL=1 MIN_S=30 step ncu_gating 45 "$FINAL_RESERVE" bash -c "mkdir -p '$BENCH_DIR' && ncu --section SpeedOfLight \
+        --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
+        -k regex:gate_warp_kernel -c 1 $PY -c \"
+import torch, moe_ext
+g = torch.Generator(device='cuda').manual_seed(0)
+x = torch.randn(16, 256, device='cuda', generator=g)
+torch.ops.moe_ext.topk_gating(x, 8, 'sigmoid', 'softmax_topk', True, torch.zeros(256, device='cuda'), 8, 4, 2.5)
+torch.cuda.synchronize()\" > '$BENCH_DIR/ncu_gating.txt' 2>&1"
+fi
 if command -v compute-sanitizer >/dev/null; then
     OPTIONAL=1 MIN_S=40 step racecheck 80 "$FINAL_RESERVE" bash -c "set -o pipefail; sanitize racecheck 2>&1 | tee '$OUT/racecheck.log'"
 fi
