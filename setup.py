@@ -41,25 +41,29 @@ def _cmake_exe():
 
 
 def _choose_cxx():
-    """(compiler, switched): the C++ compiler to build with (scripts/cxx_probe.py), or None to leave the
-    choice to CMake; switched when it is not the one CMake would have picked."""
+    """(override, expected): override is the C++ compiler CMake must use instead of its own pick (None: CMake
+    picks, from $CXX or the PATH, as usual); expected is the full path of the compiler the build will
+    use, when known (an existing build dir configured with another one is reconfigured)."""
     if os.environ.get("MOE_EXT_CXX_PROBE", "1") == "0":
-        return None, False
+        return None, None
     import importlib.util
 
     path = os.path.join(ROOT, "scripts", "cxx_probe.py")
     if not os.path.exists(path):
         print(f"moe_ext: {path} is missing: the C++ compiler is not checked", file=sys.stderr)
-        return None, False
+        return None, None
     spec = importlib.util.spec_from_file_location("moe_ext_cxx_probe", path)
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     requested = probe.default_compiler()
     if requested is None:
-        return None, False  # CMake reports the missing compiler
+        return None, None  # CMake reports the missing compiler
     cxx, message = probe.choose(requested)
-    print(message, file=sys.stderr if cxx != requested else sys.stdout)
-    return shutil.which(cxx) or cxx, cxx != requested
+    if cxx == requested:
+        print(message)
+        return None, shutil.which(requested)
+    print(message, file=sys.stderr)
+    return shutil.which(cxx) or cxx, shutil.which(cxx) or cxx
 
 
 class CMakeBuild(build_ext):
@@ -84,19 +88,19 @@ class CMakeBuild(build_ext):
         except ImportError:
             if shutil.which("ninja"):
                 args += ["-G", "Ninja"]
-        cxx, switched = _choose_cxx()
+        cxx, expected_cxx = _choose_cxx()
         if cxx is not None:
             args.append(f"-DCMAKE_CXX_COMPILER={cxx}")
-            if switched and not os.environ.get("CUDAHOSTCXX"):
+            if not os.environ.get("CUDAHOSTCXX"):
                 args.append(f"-DCMAKE_CUDA_HOST_COMPILER={cxx}")  # nvcc's host code from the same compiler
         cache = os.path.join(build_dir, "CMakeCache.txt")
         if os.path.exists(cache):  # a generator or compiler switch would fail on the old cache
             with open(cache) as f:
                 text = f.read()
             stale = ("CMAKE_GENERATOR:INTERNAL=Ninja" in text) != ("Ninja" in args)
-            if cxx is not None:
+            if expected_cxx is not None:
                 cached = [ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("CMAKE_CXX_COMPILER:")]
-                stale |= bool(cached) and os.path.realpath(cached[0]) != os.path.realpath(cxx)
+                stale |= bool(cached) and os.path.realpath(cached[0]) != os.path.realpath(expected_cxx)
             if stale:
                 shutil.rmtree(build_dir)
                 os.makedirs(build_dir)
