@@ -253,12 +253,7 @@ unpermute_kernel(const Pack<T, N>* __restrict__ ys, const int64_t* __restrict__ 
           w[g] = weights != nullptr ? weights[t * k + j] : Acc(1);
         }
         use[g] = row >= 0 && row < R;  // dropped (-1); an out-of-range row is a caller error: skip it
-        if (use[g]) {
-          p[g] = ys[row * units + u];
-        } else {
-#pragma unroll
-          for (int n = 0; n < N; ++n) p[g].v[n] = T(0);
-        }
+        if (use[g]) p[g] = ys[row * units + u];
       }
 #pragma unroll
       for (int g = 0; g < kGather; ++g) {
