@@ -9,6 +9,9 @@ and "down" is h[S,F] @ w2[e] -> [S,H], with S = tokens * top_k rows routed unifo
 Timing: CUDA events around each call, warm-up first, median of `iters`; inputs are rotated through
 enough copies to exceed twice the 50 MB L2 when one set is smaller than that. Inputs are random, never
 zeros. Every row: {name, impl, shape, tokens, median_us, tflops, speedup_vs_grouped_mm} (+ error).
+On an sm_90 GPU, 16-bit rows also time moe_ext with each tile forced ("moe_ext@128x128",
+"moe_ext@128x256"), next to the "moe_ext" row, which uses the tile its heuristic picks; "kernel" names the
+forward kernel that ran.
 
     from bench.gemm_kernels import run
     rows = run(models=["mixtral"], tokens=[128, 4096])
@@ -17,6 +20,8 @@ import math
 import statistics
 
 import torch
+
+import moe_ext
 
 MODELS = {
     "mixtral": dict(hidden=4096, ffn=14336, experts=8, topk=2),         # Mixtral 8x7B
@@ -39,11 +44,20 @@ def _grouped_mm_fn():
     return lambda a, b, offs=None: g(a, b, offs=offs)
 
 
-def available_impls():
+SM90_TILES = ("128x128", "128x256")
+
+
+def available_impls(dtype=torch.bfloat16):
     impls = ["moe_ext", "loop", "dense"]
     if _grouped_mm_fn() is not None:
         impls.insert(1, "grouped_mm")
+    if dtype in (torch.bfloat16, torch.float16) and _sm90_build():
+        impls[1:1] = [f"moe_ext@{t}" for t in SM90_TILES]
     return impls
+
+
+def _sm90_build():
+    return torch.cuda.get_device_capability() == (9, 0) and moe_ext.build_info()["grouped_gemm"]["sm90"]
 
 
 def gemm_dims(model, gemm):
@@ -98,9 +112,7 @@ def _make_sets(S, K, N, E, dtype, backward, n_sets, gen):
 def _impl_fn(impl, sets, offsets, counts, backward):
     """A callable fn(i) running `impl` on input set i, or raise if the impl is unavailable."""
     ops = torch.ops.moe_ext
-    if impl == "moe_ext":
-        import moe_ext  # noqa: F401
-
+    if impl.startswith("moe_ext"):  # the tile of "moe_ext@TILE" is set around the timing
         def fn(i):
             s = sets[i]
             c = ops.grouped_gemm(s["a"], s["b"], offsets, False)
@@ -174,16 +186,23 @@ def bench_grouped_gemm(model, tokens, gemm="up", backward=False, impls=None, dty
         sets = _make_sets(S, K, N, E, dtype, backward, _rotation(set_bytes), gen)
     except torch.cuda.OutOfMemoryError as e:
         return [dict(name=name, impl=i, shape=shape, tokens=tokens, median_us=None, tflops=None,
-                     speedup_vs_grouped_mm=None, error=f"OOM: {e}".splitlines()[0]) for i in (impls or available_impls())]
-    for impl in impls or available_impls():
+                     speedup_vs_grouped_mm=None, error=f"OOM: {e}".splitlines()[0]) for i in (impls or available_impls(dtype))]
+    for impl in impls or available_impls(dtype):
         row = dict(name=name, impl=impl, shape=shape, tokens=tokens, median_us=None, tflops=None,
                    speedup_vs_grouped_mm=None)
+        previous_tile = moe_ext.set_sm90_gemm_tile(impl.split("@", 1)[1]) if "@" in impl else None
         try:
             us = time_us(_impl_fn(impl, sets, offsets, counts, backward), len(sets), warmup, iters)
             row["median_us"] = us
             row["tflops"] = flops / (us * 1e-6) / 1e12
+            if impl.startswith("moe_ext"):  # which forward kernel ran (tile, or the simple kernel)
+                torch.ops.moe_ext.grouped_gemm(sets[0]["a"], sets[0]["b"], offsets, False)
+                row["kernel"] = moe_ext._C.last_grouped_gemm_kernel()
         except Exception as e:  # an impl that cannot run this shape (dtype, layout, memory)
             row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        finally:
+            if previous_tile is not None:
+                moe_ext.set_sm90_gemm_tile(previous_tile)
         rows.append(row)
     ref = next((r["median_us"] for r in rows if r["impl"] == "grouped_mm" and r["median_us"]), None)
     for r in rows:

@@ -9,6 +9,7 @@
 #include <pybind11/stl.h>
 
 #include "common/build_config.h"
+#include "common/gemm_tile.h"
 #include "cpu/memory.h"
 
 TORCH_LIBRARY(moe_ext, m) {
@@ -71,4 +72,11 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "The CPU large-block cache (csrc/cpu/memory.h): cached_bytes, limit_bytes, hits, misses.");
   m.def("empty_cpu_cache", &moe_ext::empty_cpu_cache, "Free the CPU large-block cache's idle blocks.");
+  m.def("sm90_gemm_tile", [] { return std::string(moe_ext::gemm_tile_name(moe_ext::sm90_gemm_tile())); },
+        "The sm_90a grouped GEMM tile setting: 'auto', '128x128' or '128x256'.");
+  m.def("set_sm90_gemm_tile", [](const std::string& tile) {
+    moe_ext::set_sm90_gemm_tile(moe_ext::parse_gemm_tile(tile, "the sm_90a grouped GEMM tile"));
+  }, "Set the sm_90a grouped GEMM tile: 'auto', '128x128' or '128x256'.");
+  m.def("last_grouped_gemm_kernel", [] { return std::string(moe_ext::last_grouped_gemm_kernel()); },
+        "The CUDA grouped GEMM kernel this thread launched last, e.g. 'sm90_bf16_nn_t256' or 'simt'.");
 }

@@ -39,3 +39,18 @@ def cpu_cache_stats() -> dict:
 def empty_cpu_cache() -> None:
     """Free the idle blocks of the CPU cache (blocks still in use return to it when freed)."""
     _C.empty_cpu_cache()
+
+
+def sm90_gemm_tile() -> str:
+    """The tile the sm_90a (Hopper) bf16/fp16 grouped GEMM uses: "auto" (the default: 128x256 when the
+    experts average >= 1024 rows and the problem fills the GPU twice over with such tiles, 128x128
+    otherwise), "128x128" or "128x256". Starts from the environment variable MOE_EXT_SM90_TILE."""
+    return _C.sm90_gemm_tile()
+
+
+def set_sm90_gemm_tile(tile: str) -> str:
+    """Set the sm_90a grouped GEMM tile for this process ("auto", "128x128" or "128x256"; anything else
+    raises ValueError) and return the previous setting. Other GPUs and dtypes ignore it."""
+    previous = _C.sm90_gemm_tile()
+    _C.set_sm90_gemm_tile(tile)
+    return previous

@@ -388,6 +388,111 @@ def test_backward_forms_match_autograd(trans_b):
     assert_accurate(db, b32.grad, db_t, torch.bfloat16)
 
 
+# ------------------------------------------------------------------------------------ sm_90a tiles
+def sm90_gemm_built():
+    return torch.cuda.get_device_capability() == (9, 0) and moe_ext.build_info()["grouped_gemm"]["sm90"]
+
+
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or not sm90_gemm_built(),
+                                reason="needs an sm_90 GPU and a build with the sm_90a grouped GEMM")
+
+
+@contextlib.contextmanager
+def sm90_tile(tile):
+    previous = moe_ext.set_sm90_gemm_tile(tile)
+    try:
+        yield
+    finally:
+        moe_ext.set_sm90_gemm_tile(previous)
+
+
+TILE_SHAPES = [  # (M, E, K, N): rows per expert not a multiple of 128 (odd M tiles under the 2x1
+    (3000, 8, 200, 136),     # cluster), N below and not a multiple of the 256-wide tile
+    (2600, 3, 264, 520),
+    (256, 4, 128, 256),      # small: in the sanitizer selection
+]
+
+
+@needs_sm90
+@pytest.mark.parametrize("tile", ["128x128", "128x256"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["uniform", "zipf", "one", "most_empty"])
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("form", ["nn", "nt_bias", "wgrad"])
+def test_sm90_tile(tile, dtype, kind, shape, form):
+    """Each sm_90a tile, forced, on every form: ragged experts, empty experts, rows outside them."""
+    M, E, K, N = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((M, E, K, N, kind, form, str(dtype))).encode()))
+    front, back = 3, 5
+    counts = group_sizes(kind, M - front - back, E, gen)
+    offs_host = make_offsets(counts, front)
+    a = randn(M, K, dtype=dtype, gen=gen)
+    with sm90_tile(tile):
+        if form == "wgrad":
+            y = randn(M, N, dtype=dtype, gen=gen, scale=1.0 / math.sqrt(max(1, M // E)))
+            poison_cuda_allocator()
+            out = ops.grouped_gemm_wgrad(a, y, offs_host.to(DEV))
+            assert_accurate(out, ref_wgrad(a, y, offs_host), ref_wgrad(a, y, offs_host, dtype=dtype), dtype)
+            for e in (counts == 0).nonzero().flatten().tolist():
+                assert (out[e] == 0).all(), f"expert {e} has no rows, its gradient must be zero"
+            return
+        trans_b = form == "nt_bias"
+        b = randn(E, N, K, dtype=dtype, gen=gen, scale=K ** -0.5) if trans_b else \
+            randn(E, K, N, dtype=dtype, gen=gen, scale=K ** -0.5)
+        bias = randn(E, N, dtype=dtype, gen=gen) if trans_b else None
+        poison_cuda_allocator()
+        out = ops.grouped_gemm(a, b, offs_host.to(DEV), trans_b, bias)
+    ref = ref_forward(a, b, offs_host, trans_b, bias)
+    assert_accurate(out, ref, ref_forward(a, b, offs_host, trans_b, bias, dtype=dtype), dtype)
+    assert (out[:front] == 0).all() and (out[M - back:] == 0).all()
+
+
+def gemm_tile_launched(fn):
+    """The N extent of the sm_90a tile of the grouped GEMM kernel `fn` launched: 128 or 256."""
+    fn()
+    name = moe_ext._C.last_grouped_gemm_kernel()
+    assert name.startswith("sm90_"), f"expected an sm_90a CUTLASS kernel, got {name!r}"
+    return 256 if name.endswith("_t256") else 128
+
+
+@needs_sm90
+def test_sm90_auto_tile_choice():
+    """auto: 128x256 when experts average >= 1024 rows and the problem has >= 2 such tiles per SM;
+    128x128 otherwise. Both choices give the same answer as the forced tiles."""
+    gen = torch.Generator().manual_seed(61)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    E, K = 8, 256
+    N = 256 * math.ceil(2 * sms / (E * 9))   # >= 2 tiles per SM at 1100 rows (9 M tiles) per expert
+    cases = [(1100 * E, "wide"), (1000 * E, "narrow: < 1024 rows per expert")]
+    for M, why in cases:
+        offs = make_offsets(group_sizes("uniform", M, E, gen)).to(DEV)
+        a = randn(M, K, dtype=torch.bfloat16, gen=gen)
+        b = randn(E, K, N, dtype=torch.bfloat16, gen=gen, scale=K ** -0.5)
+        with sm90_tile("auto"):
+            tile = gemm_tile_launched(lambda: ops.grouped_gemm(a, b, offs))
+            out = ops.grouped_gemm(a, b, offs)
+        assert tile == (256 if why == "wide" else 128), f"M={M}: expected {why}, launched 128x{tile}"
+        with sm90_tile(f"128x{tile}"):
+            assert torch.equal(ops.grouped_gemm(a, b, offs), out)
+    # many rows per expert but too few wide tiles to fill the GPU twice: the 128x128 tile
+    M, N = 1100 * 2, 256
+    offs = make_offsets(group_sizes("uniform", M, 2, gen)).to(DEV)
+    a = randn(M, K, dtype=torch.bfloat16, gen=gen)
+    b = randn(2, K, N, dtype=torch.bfloat16, gen=gen, scale=K ** -0.5)
+    with sm90_tile("auto"):
+        assert gemm_tile_launched(lambda: ops.grouped_gemm(a, b, offs)) == 128
+    with sm90_tile("128x256"):  # forced, whatever the size
+        assert gemm_tile_launched(lambda: ops.grouped_gemm(a, b, offs)) == 256
+    # wgrad: the tiles cover out[e] [P, Q]; the rows per expert are its depth
+    M, P, Q = 1100 * E, 2048, 1024   # 8 x 16 x 4 = 512 wide tiles
+    offs = make_offsets(group_sizes("uniform", M, E, gen)).to(DEV)
+    x = randn(M, P, dtype=torch.bfloat16, gen=gen)
+    y = randn(M, Q, dtype=torch.bfloat16, gen=gen)
+    with sm90_tile("auto"):
+        assert gemm_tile_launched(lambda: ops.grouped_gemm_wgrad(x, y, offs)) == 256
+        assert gemm_tile_launched(lambda: ops.grouped_gemm_wgrad(x[:1000 * E], y[:1000 * E], offs.clamp(max=1000 * E))) == 128
+
+
 # ----------------------------------------------------------------------- no host sync, CUDA graphs
 def test_no_host_sync():
     gen = torch.Generator().manual_seed(31)

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -98,3 +102,34 @@ def test_empty_expert_weight_grad_is_zero():
     b = torch.randn(3, 4, 6, requires_grad=True)
     moe_ext.grouped_gemm(a, b, off).sum().backward()
     assert (b.grad[1] == 0).all() and (b.grad[0] != 0).any()
+
+
+def test_sm90_gemm_tile_setting():
+    """The sm_90a tile switch exists in every build (CPU ones too) and checks its value."""
+    assert moe_ext.sm90_gemm_tile() == "auto"
+    try:
+        assert moe_ext.set_sm90_gemm_tile("128x256") == "auto"
+        assert moe_ext.sm90_gemm_tile() == "128x256"
+        with pytest.raises(ValueError, match=r"tile must be 'auto', '128x128' or '128x256', got '256x128'"):
+            moe_ext.set_sm90_gemm_tile("256x128")
+        assert moe_ext.sm90_gemm_tile() == "128x256"
+        # the CPU op ignores it
+        a, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+        offs = torch.tensor([0, 2, 6])
+        torch.testing.assert_close(moe_ext.grouped_gemm(a, b, offs), R.grouped_gemm(a, b, offs))
+    finally:
+        moe_ext.set_sm90_gemm_tile("auto")
+
+
+@pytest.mark.parametrize("value,expect", [("128x128", "128x128"), ("", "auto"), ("wide", None)])
+def test_sm90_gemm_tile_environment(value, expect):
+    code = "import moe_ext; print(moe_ext.sm90_gemm_tile())"
+    env = dict(os.environ, MOE_EXT_SM90_TILE=value)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if expect is None:
+        assert p.returncode != 0
+        assert "the environment variable MOE_EXT_SM90_TILE must be 'auto', '128x128' or '128x256', got 'wide'" \
+            in p.stderr
+    else:
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == expect

@@ -1,6 +1,7 @@
 // CUDA entry points of grouped_gemm and grouped_gemm_wgrad: checks (shared with the CPU kernels),
 // device guard, current stream, kernel choice, workspace. The kernels are in csrc/cuda/gemm/:
-//   bf16/fp16, sm_90        CUTLASS 3.x pointer-array grouped GEMM (TMA, warp-specialised, wgmma)
+//   bf16/fp16, sm_90        CUTLASS 3.x pointer-array grouped GEMM (TMA, warp-specialised, wgmma),
+//                           128x128 or 128x256 tile (choose_wide_tile)
 //   bf16/fp16, sm_80..sm_89 CUTLASS 2.x GemmGrouped with device-side scheduling (mma.sync)
 //   fp32, sm_80..sm_90      CUTLASS 2.x: mma.sync TF32 when torch allows TF32 for CUDA matmuls and the
 //                           rows are 16-byte aligned, exact SIMT FFMA otherwise
@@ -22,6 +23,7 @@
 
 #include "../common/build_config.h"
 #include "../common/checks.h"
+#include "../common/gemm_tile.h"
 #include "gemm/grouped_gemm_launch.h"
 
 namespace moe_ext {
@@ -70,8 +72,32 @@ std::string compiled_archs() {
   return s + "]";
 }
 
-// The CUTLASS kernel for (device, dtype, form), or an error that says why there is none.
-KernelFns find_cutlass_kernel(const char* op, const cudaDeviceProp& prop, at::ScalarType dtype, Form form) {
+// The sm_90a tile for one call. The 128x256 tile feeds wgmma 1.5x the FLOPs per byte of shared memory
+// filled, but a problem has half as many of its tiles, and its 2x1 cluster rounds each expert's M
+// tiles up to an even count: it pays off only when experts average many rows. The host knows only
+// the mean rows per expert without a sync (rows / E). The wide tile is used when that mean is >= 1024
+// (a forward's M, a wgrad's depth) and the problem still has at least two wide tiles per SM, so that
+// no SM idles at the tail. bench/NOTES.md logs what each tile measured.
+constexpr int64_t kWideTileMinRowsPerExpert = 1024;
+
+bool choose_wide_tile(const GroupedGemmArgs& g) {
+  switch (sm90_gemm_tile()) {
+    case GemmTile::k128x128: return false;
+    case GemmTile::k128x256: return true;
+    case GemmTile::kAuto: break;
+  }
+  if (g.num_experts <= 0) return false;
+  const int64_t mean_rows = g.rows / g.num_experts;
+  if (mean_rows < kWideTileMinRowsPerExpert) return false;
+  const int64_t m = g.form == Form::kWgradTN ? g.dim_in : mean_rows;
+  const int64_t tiles = g.num_experts * ((m + 127) / 128) * ((g.dim_out + 255) / 256);
+  return tiles >= 2 * int64_t(g.sm_count);
+}
+
+// The CUTLASS kernel for (device, dtype, form, tile), or an error that says why there is none. `wide`
+// (the 128x256 tile) only matters on sm_90.
+KernelFns find_cutlass_kernel(const char* op, const cudaDeviceProp& prop, at::ScalarType dtype, Form form,
+                              bool wide) {
   TORCH_CHECK(MOE_EXT_WITH_CUTLASS, "moe_ext.", op, ": the CUDA ", dtype,
               " grouped GEMM needs CUTLASS, which was not found when moe_ext was built. Install its headers "
               "(pip install --no-deps nvidia-cutlass==4.2.0.0, or set MOE_EXT_CUTLASS_DIR to a CUTLASS "
@@ -84,6 +110,16 @@ KernelFns find_cutlass_kernel(const char* op, const cudaDeviceProp& prop, at::Sc
   const bool sm8x = prop.major == 8 && built_for_sm8x(prop.minor);
   if (sm90) {
 #if MOE_EXT_GEMM_SM90
+    if (wide) {
+      switch (form) {
+        case Form::kFwdNN:
+          return fp16 ? MOE_EXT_FP16_FNS(sm90_fp16_nn_t256) : MOE_EXT_KERNEL_FNS(sm90_bf16_nn_t256);
+        case Form::kFwdNT:
+          return fp16 ? MOE_EXT_FP16_FNS(sm90_fp16_nt_t256) : MOE_EXT_KERNEL_FNS(sm90_bf16_nt_t256);
+        case Form::kWgradTN:
+          return fp16 ? MOE_EXT_FP16_FNS(sm90_fp16_tn_t256) : MOE_EXT_KERNEL_FNS(sm90_bf16_tn_t256);
+      }
+    }
     switch (form) {
       case Form::kFwdNN: return fp16 ? MOE_EXT_FP16_FNS(sm90_fp16_nn) : MOE_EXT_KERNEL_FNS(sm90_bf16_nn);
       case Form::kFwdNT: return fp16 ? MOE_EXT_FP16_FNS(sm90_fp16_nt) : MOE_EXT_KERNEL_FNS(sm90_bf16_nt);
@@ -183,7 +219,8 @@ bool run_grouped(const char* op, GroupedGemmArgs& args, at::ScalarType dtype, bo
   const cudaDeviceProp& prop = *at::cuda::getDeviceProperties(args.device);
   KernelFns k;
   if (fits && dtype == at::kFloat) k = find_fp32_kernel(prop, args.form, aligned);
-  if (fits && aligned && half) k = find_cutlass_kernel(op, prop, dtype, args.form);
+  if (fits && aligned && half) k = find_cutlass_kernel(op, prop, dtype, args.form, choose_wide_tile(args));
+  note_grouped_gemm_kernel(k.run == nullptr ? "simt" : k.name);
   if (k.run == nullptr) {
     C10_CUDA_CHECK(gemm::grouped_gemm_simt(args, simt_dtype(dtype), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

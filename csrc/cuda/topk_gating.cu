@@ -17,7 +17,10 @@
 namespace moe_ext::cuda {
 namespace {
 
-constexpr int kWarps = 8;                          // warps per block of the warp kernels
+// Warps per block of the forward warp kernel: one token per warp. A token is a long dependent chain
+// (row stats, group stage, k rounds of warp argmax), so at decode sizes the kernel takes as long as
+// the tokens one warp handles in series (bench/NOTES.md, gating entry).
+constexpr int kWarps = 16;
 constexpr int kTokensPerWarp = kGateTokenBlock / kWarps;
 constexpr int kMaxWarpExperts = 512;
 constexpr int kMaxWarpK = 32;                      // chosen slot j lives in lane j
@@ -62,8 +65,10 @@ __device__ __forceinline__ uint64_t warp_select_groups(const GatingParams& p, co
   return kept;
 }
 
+// The explicit minimum of 1 block: with the bare 512-thread bound, ptxas held the NPL = 4 16-bit
+// kernels to 40 registers on sm_90a and spilled; with it they take 48, no spills (check_sass).
 template <int NPL, typename In>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 1)
 gate_warp_kernel(GatingParams p, const In* __restrict__ logits, const float* __restrict__ bias,
                  float* __restrict__ weights, int* __restrict__ ids, float* __restrict__ lse,
                  float* __restrict__ psum, int* __restrict__ pcnt) {

@@ -1,4 +1,5 @@
-// CUTLASS 3.x grouped GEMM, sm_90a, fp16, forward with trans_b, b [E,N,K]. One instantiation per file (compile time).
+// CUTLASS 3.x grouped GEMM, sm_90a, fp16, forward with trans_b, b [E,N,K], 128x128x64 tile. One instantiation per file
+// (compile time).
 #include "sm90_grouped.cuh"
 
-MOE_EXT_SM90_GROUPED_GEMM(sm90_fp16_nt, cutlass::half_t, moe_ext::gemm::Form::kFwdNT)
+MOE_EXT_SM90_GROUPED_GEMM(sm90_fp16_nt, cutlass::half_t, moe_ext::gemm::Form::kFwdNT, moe_ext::gemm::Sm90Tile128)

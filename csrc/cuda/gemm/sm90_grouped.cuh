@@ -3,7 +3,9 @@
 // consumer warp groups on one 128xN tile, one producer warp group), wgmma (HGMMA) on bf16/fp16 with
 // fp32 accumulation. Problem shapes live only on the device (host_problem_shapes = nullptr), so the
 // grid is the persistent one (SM count) and the tile scheduler walks the groups on the device.
-// Included by exactly one .cu per (dtype, layout); see MOE_EXT_SM90_GROUPED_GEMM at the bottom.
+// Two tile configurations (Sm90Tile128 and Sm90Tile256 below; the host picks one per call, see
+// grouped_gemm_cuda.cpp). Included by exactly one .cu per (dtype, layout, tile); see
+// MOE_EXT_SM90_GROUPED_GEMM at the bottom.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -28,7 +30,21 @@
 namespace moe_ext {
 namespace gemm {
 
-template <typename Element, Form kForm>
+// 128x128x64 with a 1x2 cluster (the A tile multicast to the 2 CTAs along N): many small tiles, for
+// experts with few rows (decode, many-expert models such as Qwen3 with ~256 rows per expert).
+struct Sm90Tile128 {
+  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
+};
+// 128x256x64 with a 2x1 cluster (the B tile, i.e. the expert's weights, multicast to the 2 CTAs along
+// M): 1.5x the arithmetic intensity of the 128x128 tile (85 vs 64 FLOP per byte of shared memory
+// filled), for experts with >= ~1024 rows (Mixtral-sized layers at training batch sizes).
+struct Sm90Tile256 {
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+};
+
+template <typename Element, Form kForm, class Tile>
 struct Sm90Grouped {
   using RowMajor = cutlass::layout::RowMajor;
   using ColumnMajor = cutlass::layout::ColumnMajor;
@@ -41,8 +57,8 @@ struct Sm90Grouped {
   static constexpr int kAlignment = 8;  // TMA: 16-byte aligned rows and bases
 
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M,N,K) per group
-  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;  // A tile multicast to 2 CTAs along N
+  using TileShape = typename Tile::TileShape;
+  using ClusterShape = typename Tile::ClusterShape;
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 
@@ -133,9 +149,9 @@ __device__ __forceinline__ Stride ld_stride(int64_t ld) {
 }
 
 // One thread per expert: problem shape, pointers and strides from the offsets.
-template <typename Element, Form kForm>
-__global__ void sm90_build_args_kernel(GroupedGemmArgs g, typename Sm90Grouped<Element, kForm>::Arrays arr) {
-  using T = Sm90Grouped<Element, kForm>;
+template <typename Element, Form kForm, class Tile>
+__global__ void sm90_build_args_kernel(GroupedGemmArgs g, typename Sm90Grouped<Element, kForm, Tile>::Arrays arr) {
+  using T = Sm90Grouped<Element, kForm, Tile>;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= g.num_experts) return;
   const ExpertRows r = expert_rows(g.offsets, e, g.rows);
@@ -168,20 +184,20 @@ __global__ void sm90_build_args_kernel(GroupedGemmArgs g, typename Sm90Grouped<E
   }
 }
 
-template <typename Element, Form kForm>
+template <typename Element, Form kForm, class Tile>
 size_t sm90_workspace(const GroupedGemmArgs& g) {
-  return Sm90Grouped<Element, kForm>::carve(nullptr, g, nullptr);
+  return Sm90Grouped<Element, kForm, Tile>::carve(nullptr, g, nullptr);
 }
 
-template <typename Element, Form kForm>
+template <typename Element, Form kForm, class Tile>
 const char* sm90_run(const GroupedGemmArgs& g, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  using Traits = Sm90Grouped<Element, kForm>;
+  using Traits = Sm90Grouped<Element, kForm, Tile>;
   using Gemm = typename Traits::Gemm;
   if (g.form != kForm) return "internal error: grouped GEMM form does not match the kernel";
   typename Traits::Arrays arr;
   if (Traits::carve(workspace, g, &arr) > workspace_bytes) return "grouped GEMM workspace too small";
   const int E = int(g.num_experts);
-  sm90_build_args_kernel<Element, kForm><<<(E + 127) / 128, 128, 0, stream>>>(g, arr);
+  sm90_build_args_kernel<Element, kForm, Tile><<<(E + 127) / 128, 128, 0, stream>>>(g, arr);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return cudaGetErrorString(err);
 
   const auto args = Traits::arguments(g, arr);
@@ -198,16 +214,16 @@ const char* sm90_run(const GroupedGemmArgs& g, void* workspace, size_t workspace
 }  // namespace gemm
 }  // namespace moe_ext
 
-// Defines grouped_gemm_<NAME>_workspace / _run for one (element, form).
-#define MOE_EXT_SM90_GROUPED_GEMM(NAME, ELEMENT, FORM)                                                  \
+// Defines grouped_gemm_<NAME>_workspace / _run for one (element, form, tile).
+#define MOE_EXT_SM90_GROUPED_GEMM(NAME, ELEMENT, FORM, TILE)                                            \
   namespace moe_ext {                                                                                   \
   namespace gemm {                                                                                      \
   size_t grouped_gemm_##NAME##_workspace(const GroupedGemmArgs& args) {                                 \
-    return sm90_workspace<ELEMENT, FORM>(args);                                                         \
+    return sm90_workspace<ELEMENT, FORM, TILE>(args);                                                   \
   }                                                                                                     \
   const char* grouped_gemm_##NAME##_run(const GroupedGemmArgs& args, void* workspace,                   \
                                         size_t workspace_bytes, cudaStream_t stream) {                  \
-    return sm90_run<ELEMENT, FORM>(args, workspace, workspace_bytes, stream);                           \
+    return sm90_run<ELEMENT, FORM, TILE>(args, workspace, workspace_bytes, stream);                     \
   }                                                                                                     \
   }                                                                                                     \
   }

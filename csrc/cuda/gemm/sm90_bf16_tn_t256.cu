@@ -1,0 +1,5 @@
+// CUTLASS 3.x grouped GEMM, sm_90a, bf16, weight gradient x^T @ y, 128x256x64 tile. One instantiation per file
+// (compile time).
+#include "sm90_grouped.cuh"
+
+MOE_EXT_SM90_GROUPED_GEMM(sm90_bf16_tn_t256, cutlass::bfloat16_t, moe_ext::gemm::Form::kWgradTN, moe_ext::gemm::Sm90Tile256)
