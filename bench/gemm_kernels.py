@@ -8,7 +8,8 @@ and "down" is h[S,F] @ w2[e] -> [S,H], with S = tokens * top_k rows routed unifo
 
 Timing: CUDA events around each call, warm-up first, median of `iters`; inputs are rotated through
 enough copies to exceed twice the 50 MB L2 when one set is smaller than that. Inputs are random, never
-zeros. Every row: {name, impl, shape, tokens, median_us, tflops, speedup_vs_grouped_mm} (+ error).
+zeros; the impls take turns over 3 rounds. Every row: {name, impl, shape, tokens, median_us (median of
+the rounds), rounds_us, tflops, speedup_vs_grouped_mm} (+ kernel for moe_ext rows, + error).
 On an sm_90 GPU, 16-bit rows also time moe_ext with each tile forced ("moe_ext@128x128",
 "moe_ext@128x256"), next to the "moe_ext" row, which uses the tile its heuristic picks; "kernel" names the
 forward kernel that ran.
@@ -165,8 +166,9 @@ def _impl_fn(impl, sets, offsets, counts, backward):
 
 
 def bench_grouped_gemm(model, tokens, gemm="up", backward=False, impls=None, dtype=torch.bfloat16,
-                       warmup=5, iters=20, seed=0):
-    """Rows for one (model, gemm, tokens, fwd or fwd+bwd) point, one per impl."""
+                       warmup=5, iters=20, seed=0, rounds=3):
+    """Rows for one (model, gemm, tokens, fwd or fwd+bwd) point, one per impl: the median over `rounds`
+    rounds (rounds_us) of each round's median of `iters` calls."""
     K, N, E, topk = gemm_dims(model, gemm)
     S = tokens * topk
     counts = routed_counts(tokens, E, topk, seed)
@@ -181,29 +183,38 @@ def bench_grouped_gemm(model, tokens, gemm="up", backward=False, impls=None, dty
     elif dtype != torch.bfloat16:
         name += "." + str(dtype).replace("torch.", "")
     shape = f"S={S} K={K} N={N} E={E}"
-    rows = []
     try:
         sets = _make_sets(S, K, N, E, dtype, backward, _rotation(set_bytes), gen)
     except torch.cuda.OutOfMemoryError as e:
         return [dict(name=name, impl=i, shape=shape, tokens=tokens, median_us=None, tflops=None,
                      speedup_vs_grouped_mm=None, error=f"OOM: {e}".splitlines()[0]) for i in (impls or available_impls(dtype))]
-    for impl in impls or available_impls(dtype):
-        row = dict(name=name, impl=impl, shape=shape, tokens=tokens, median_us=None, tflops=None,
-                   speedup_vs_grouped_mm=None)
-        previous_tile = moe_ext.set_sm90_gemm_tile(impl.split("@", 1)[1]) if "@" in impl else None
-        try:
-            us = time_us(_impl_fn(impl, sets, offsets, counts, backward), len(sets), warmup, iters)
-            row["median_us"] = us
-            row["tflops"] = flops / (us * 1e-6) / 1e12
-            if impl.startswith("moe_ext"):  # which forward kernel ran (tile, or the simple kernel)
-                torch.ops.moe_ext.grouped_gemm(sets[0]["a"], sets[0]["b"], offsets, False)
-                row["kernel"] = moe_ext._C.last_grouped_gemm_kernel()
-        except Exception as e:  # an impl that cannot run this shape (dtype, layout, memory)
-            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        finally:
-            if previous_tile is not None:
-                moe_ext.set_sm90_gemm_tile(previous_tile)
-        rows.append(row)
+    rows = [dict(name=name, impl=impl, shape=shape, tokens=tokens, median_us=None, tflops=None,
+                 speedup_vs_grouped_mm=None) for impl in impls or available_impls(dtype)]
+    times = {r["impl"]: [] for r in rows}
+    # The impls take turns, `rounds` times, and each row reports the median of its rounds: clocks drift
+    # with heat over a long run (the same kernel measured 1.1-2x apart in the 2026-11-27 H100 run when
+    # timed at different moments), and taking turns exposes every impl to the same drift.
+    for _ in range(rounds):
+        for row in rows:
+            if "error" in row:
+                continue
+            impl = row["impl"]
+            previous_tile = moe_ext.set_sm90_gemm_tile(impl.split("@", 1)[1]) if "@" in impl else None
+            try:
+                times[impl].append(time_us(_impl_fn(impl, sets, offsets, counts, backward), len(sets), warmup, iters))
+                if impl.startswith("moe_ext") and "kernel" not in row:  # which forward kernel ran
+                    torch.ops.moe_ext.grouped_gemm(sets[0]["a"], sets[0]["b"], offsets, False)
+                    row["kernel"] = moe_ext._C.last_grouped_gemm_kernel()
+            except Exception as e:  # an impl that cannot run this shape (dtype, layout, memory)
+                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            finally:
+                if previous_tile is not None:
+                    moe_ext.set_sm90_gemm_tile(previous_tile)
+    for row in rows:
+        ts = times[row["impl"]]
+        if "error" not in row and ts:
+            us = statistics.median(ts)
+            row.update(median_us=us, tflops=flops / (us * 1e-6) / 1e12, rounds_us=[round(t, 1) for t in ts])
     ref = next((r["median_us"] for r in rows if r["impl"] == "grouped_mm" and r["median_us"]), None)
     for r in rows:
         if ref and r["median_us"]:
@@ -214,7 +225,7 @@ def bench_grouped_gemm(model, tokens, gemm="up", backward=False, impls=None, dty
 
 
 def run(models=None, tokens=None, gemms=GEMMS, backward=(False, True), impls=None, dtype=torch.bfloat16,
-        warmup=5, iters=20):
+        warmup=5, iters=20, rounds=3):
     """All (model, gemm, tokens, phase) points; returns the list of rows."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench.gemm_kernels needs a CUDA GPU")
@@ -223,7 +234,7 @@ def run(models=None, tokens=None, gemms=GEMMS, backward=(False, True), impls=Non
         for gemm in gemms:
             for t in tokens or TOKENS:
                 for bwd in backward:
-                    rows += bench_grouped_gemm(model, t, gemm, bwd, impls, dtype, warmup, iters)
+                    rows += bench_grouped_gemm(model, t, gemm, bwd, impls, dtype, warmup, iters, rounds=rounds)
     return rows
 
 

@@ -50,6 +50,7 @@ PYBIND11_MODULE(_C, m) {
     info["cutlass"] = MOE_EXT_WITH_CUTLASS ? py::object(py::str(MOE_EXT_CUTLASS_VERSION)) : py::none();
     info["torch"] = std::string(MOE_EXT_TORCH_VERSION);
     info["cxx"] = std::string(MOE_EXT_CXX);
+    info["cuda_host_cxx"] = std::string(MOE_EXT_CUDA_HOST_CXX);
     py::dict gemm;  // which CUDA grouped GEMM kernel families are in (docs/grouped_gemm.md)
     gemm["sm80"] = MOE_EXT_GEMM_SM80 != 0;
     gemm["sm90"] = MOE_EXT_GEMM_SM90 != 0;
@@ -72,10 +73,21 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "The CPU large-block cache (csrc/cpu/memory.h): cached_bytes, limit_bytes, hits, misses.");
   m.def("empty_cpu_cache", &moe_ext::empty_cpu_cache, "Free the CPU large-block cache's idle blocks.");
-  m.def("sm90_gemm_tile", [] { return std::string(moe_ext::gemm_tile_name(moe_ext::sm90_gemm_tile())); },
-        "The sm_90a grouped GEMM tile setting: 'auto', '128x128' or '128x256'.");
+  // A bad tile name (argument or MOE_EXT_SM90_TILE) raises c10::ValueError, which pybind11 turns into
+  // RuntimeError under some torch versions (2.11): rethrown as Python's ValueError on all of them.
+  m.def("sm90_gemm_tile", [] {
+    try {
+      return std::string(moe_ext::gemm_tile_name(moe_ext::sm90_gemm_tile()));
+    } catch (const c10::ValueError& e) {
+      throw py::value_error(e.what_without_backtrace());
+    }
+  }, "The sm_90a grouped GEMM tile setting: 'auto', '128x128' or '128x256'.");
   m.def("set_sm90_gemm_tile", [](const std::string& tile) {
-    moe_ext::set_sm90_gemm_tile(moe_ext::parse_gemm_tile(tile, "the sm_90a grouped GEMM tile"));
+    try {
+      moe_ext::set_sm90_gemm_tile(moe_ext::parse_gemm_tile(tile, "the sm_90a grouped GEMM tile"));
+    } catch (const c10::ValueError& e) {
+      throw py::value_error(e.what_without_backtrace());
+    }
   }, "Set the sm_90a grouped GEMM tile: 'auto', '128x128' or '128x256'.");
   m.def("last_grouped_gemm_kernel", [] { return std::string(moe_ext::last_grouped_gemm_kernel()); },
         "The CUDA grouped GEMM kernel this thread launched last, e.g. 'sm90_bf16_nn_t256' or 'simt'.");

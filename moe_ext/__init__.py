@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 def build_info() -> dict:
     """How this build was compiled: {"cuda": bool, "cuda_archs": [...], "cutlass": str | None,
     "cuda_version": str, "torch": str (the torch it was built against), "version": str,
-    "cxx": str (the C++ compiler: "GNU 13.3.0 at /usr/bin/c++"),
+    "cxx": str (the C++ compiler: "GNU 13.3.0 at /usr/bin/c++"), "cuda_host_cxx": str (nvcc's host
+    compiler; "" in a CPU build),
     "grouped_gemm": {"sm80", "sm90", "fp16", "tf32_sm80", "tf32_sm90", "f32_sm80", "f32_sm90": bool}}
     (the CUDA grouped GEMM kernel families compiled in; see docs/grouped_gemm.md)."""
     info = _C.build_info()

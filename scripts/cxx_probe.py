@@ -8,8 +8,12 @@ GPU image whose CXX=/opt/gcc/bin/g++ links that way, while its /usr/bin/g++ is f
 (bench/results/2026-11-27-h100-80gb-hbm3-07199618c6/toolchain_diag.txt).
 
 The probe compiles a ten-line shared library with the compiler, loads it into a fresh interpreter
-after `import torch` and formats an integer with it. setup.py runs it on the compiler CMake would use
-and, when that one fails, builds with the first compiler on the machine that passes (saying so).
+after `import torch` and formats an integer with it. setup.py runs it on the C++ compiler CMake would use
+and on nvcc's host compiler, and when one fails, builds with the first compiler on the machine that
+passes (saying so). After the build, check_module() loads the module itself next to torch and has it
+raise an error that formats a shape: on the GPU image the probe passed /usr/bin/g++ for the C++ code,
+but CUDAHOSTCXX still named the /opt/gcc g++, whose library directories reached the link line, and the
+module crashed exactly there (bench/results/2026-11-27-h100-80gb-hbm3-951fc6ad3d.json).
 
     python scripts/cxx_probe.py [CXX ...]   # each compiler's verdict (default: $CXX, c++, g++);
                                             # exit status 1 if any of them fails
@@ -46,10 +50,20 @@ print(buf.value.decode(errors="replace"))
 _EXPECTED = "moe4096"
 
 
+_verdicts = {}  # (resolved compiler, python) -> probe's answer: each compiler is built with once
+
+
 def probe(cxx, python=sys.executable, timeout=180):
     """(ok, detail): ok is True when a library built by `cxx` formats an integer correctly in a process
     that has imported torch, False when it crashes or formats it wrong, None when the probe could not
     build its library (the compiler's own problem, which CMake will report)."""
+    key = (os.path.realpath(shutil.which(cxx) or cxx), python)
+    if key not in _verdicts:
+        _verdicts[key] = _probe(cxx, python, timeout)
+    return _verdicts[key]
+
+
+def _probe(cxx, python, timeout):
     with tempfile.TemporaryDirectory(prefix="moe_ext_cxx_probe_") as tmp:
         src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
         with open(src, "w") as f:
@@ -77,9 +91,50 @@ def probe(cxx, python=sys.executable, timeout=180):
         return True, f"{cxx}: ok"
 
 
+# Loads a freshly built moe_ext._C next to torch and has it raise an error that formats integers.
+_MODULE_RUNNER = r"""
+import importlib.util, sys
+import torch
+spec = importlib.util.spec_from_file_location("moe_ext._C", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+try:
+    torch.ops.moe_ext.gated_activation(torch.randn(3, 5))
+except RuntimeError as e:
+    print(str(e).splitlines()[0])
+"""
+
+
+def check_module(path, python=sys.executable, timeout=300):
+    """(ok, detail) for a built moe_ext._C at `path`: loaded into a fresh interpreter after torch, it must
+    raise an error message that formats the shape [3, 5]. The compiler probe alone missed the GPU image's
+    case (nvcc's host compiler brought its own libstdc++ onto the link line); this checks the module
+    that was actually built."""
+    try:
+        r = subprocess.run([python, "-c", _MODULE_RUNNER, path], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"the built extension {path} hung raising an error that names a shape"
+    if r.returncode < 0:
+        return False, (f"the built extension {path} crashed (signal {-r.returncode}) raising an error that "
+                       "names a shape ([3, 5]) next to torch")
+    if r.returncode != 0:
+        return False, f"the built extension {path} failed to load: {r.stderr.strip()[-800:]}"
+    if "[3, 5]" not in r.stdout:
+        return False, (f"the built extension {path} formatted the shape [3, 5] as {r.stdout.strip()!r} in an "
+                       "error message next to torch")
+    return True, "the built module formats its error messages correctly"
+
+
 def default_compiler():
     """The compiler CMake picks when none is named: $CXX, else c++, else g++ on the PATH."""
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def default_cuda_host():
+    """The compiler nvcc builds the host half of .cu files with when CMake names none: $CUDAHOSTCXX,
+    else the g++ on the PATH. CMake also puts that compiler's library directories on the link line, so a
+    bad one here breaks the extension even when the C++ compiler is fine: on the GPU image CUDAHOSTCXX
+    named the same /opt/gcc g++ as CXX (bench/results/2026-11-27-h100-80gb-hbm3-951fc6ad3d)."""
+    return os.environ.get("CUDAHOSTCXX") or shutil.which("g++")
 
 
 def alternatives():
@@ -95,10 +150,11 @@ def alternatives():
     return out
 
 
-def choose(requested, python=sys.executable, candidates=None):
+def choose(requested, python=sys.executable, candidates=None, role="CXX"):
     """(compiler, message). The requested compiler when it passes (or cannot be probed); else the first
     candidate that passes, with a message saying why it was switched. Raises RuntimeError when the
-    requested compiler fails and no candidate passes."""
+    requested compiler fails and no candidate passes. `role` names the variable that picks it (CXX, or
+    CUDAHOSTCXX for nvcc's host compiler)."""
     ok, detail = probe(requested, python)
     if ok is not False:
         return requested, detail
@@ -109,13 +165,15 @@ def choose(requested, python=sys.executable, candidates=None):
             continue
         alt_ok, alt_detail = probe(alt, python)
         if alt_ok:
-            return alt, (f"moe_ext: not building with {requested}: {detail}. Building with {alt} instead, "
-                         f"which passes. (Set CXX to choose another compiler; MOE_EXT_CXX_PROBE=0 skips this check.)")
+            what = "nvcc's host compiler" if role == "CUDAHOSTCXX" else "C++ compiler"
+            return alt, (f"moe_ext: not building with {requested} ({what}): {detail}. Building with {alt} "
+                         f"instead, which passes. (Set {role} to choose another compiler; MOE_EXT_CXX_PROBE=0 "
+                         "skips this check.)")
         tried.append(alt_detail)
     raise RuntimeError(
         "moe_ext: no usable C++ compiler: " + "; ".join(tried)
         + ". A compiler that links its own copy of libstdc++ into shared libraries builds an extension that "
-        "crashes when it formats an error message. Set CXX to a compiler that links libstdc++ dynamically "
+        f"crashes when it formats an error message. Set {role} to a compiler that links libstdc++ dynamically "
         "(the system g++ usually does), or MOE_EXT_CXX_PROBE=0 to build anyway.")
 
 

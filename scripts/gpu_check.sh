@@ -68,15 +68,21 @@ step() {
     return $rc
 }
 
-# The commit: git where .git travelled, else what scripts/prepare_gpu_wheels.sh recorded beside the wheels
-# (the device machine gets a copy of the working tree, without .git).
-COMMIT=$(git rev-parse HEAD 2>/dev/null) || COMMIT=""
+# The commit: what scripts/prepare_gpu_wheels.sh recorded beside the wheels right before the device call,
+# else git. The recorded one comes first: the device machine gets a copy of the working tree, and a .git
+# there can be stale (the 2026-11-27 second run reported the previous commit, "dirty").
+COMMIT=""
 DIRTY=""
-if [ -n "$COMMIT" ]; then
-    [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && DIRTY=1 || DIRTY=0
-elif [ -f .whl/commit.env ]; then
+if [ -f .whl/commit.env ]; then
     # shellcheck disable=SC1091
     . .whl/commit.env  # COMMIT=..., DIRTY=0|1
+    GIT_HEAD=$(git rev-parse HEAD 2>/dev/null) || GIT_HEAD=""
+    [ -n "$GIT_HEAD" ] && [ "$GIT_HEAD" != "$COMMIT" ] && \
+        echo "NOTE: .git here is at $GIT_HEAD; using the commit recorded in .whl/commit.env ($COMMIT)"
+elif COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+    [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && DIRTY=1 || DIRTY=0
+else
+    COMMIT=""
 fi
 echo "=== GPU check of ${COMMIT:-an unknown commit}${DIRTY:+ (dirty=$DIRTY)} at $(date -u +%FT%TZ)"
 nvidia-smi || echo "nvidia-smi failed"

@@ -66,3 +66,30 @@ def test_a_compiler_that_cannot_build_is_left_to_cmake(tmp_path):
     ok, detail = cxx_probe.probe(str(broken))
     assert ok is None and "no such thing" in detail
     assert cxx_probe.choose(str(broken), candidates=[GXX])[0] == str(broken)
+
+
+def test_built_module_check_passes_on_this_build():
+    import moe_ext
+
+    ok, detail = cxx_probe.check_module(moe_ext._C.__file__)
+    assert ok is True, detail
+
+
+def test_built_module_check_reports_a_module_that_does_not_load(tmp_path):
+    bogus = tmp_path / "_C.so"
+    bogus.write_bytes(b"not a shared library")
+    ok, detail = cxx_probe.check_module(str(bogus))
+    assert ok is False and "failed to load" in detail and str(bogus) in detail
+
+
+def test_default_cuda_host_follows_cudahostcxx(monkeypatch):
+    monkeypatch.setenv("CUDAHOSTCXX", "/opt/some/g++")
+    assert cxx_probe.default_cuda_host() == "/opt/some/g++"
+    monkeypatch.delenv("CUDAHOSTCXX")
+    assert cxx_probe.default_cuda_host() == shutil.which("g++")
+
+
+def test_choose_names_the_cuda_host_variable(static_gxx):
+    path = static_gxx[0]
+    cxx, message = cxx_probe.choose(path, candidates=[GXX], role="CUDAHOSTCXX")
+    assert cxx == GXX and "nvcc's host compiler" in message and "Set CUDAHOSTCXX" in message

@@ -419,8 +419,9 @@ def test_permute_int64_offsets():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H", [1, 7, 64, 1000])
 @pytest.mark.parametrize("weights", ["none", "fp32", "bf16"])
-def test_unpermute_matches_cpu(dtype, H, weights):
-    T, k, E = 77, 3, 16
+@pytest.mark.parametrize("T", [77, 4099], ids=["sliced", "rows"])  # the two CUDA kernels (permute.cu)
+def test_unpermute_matches_cpu(dtype, H, weights, T):
+    k, E = 3, 16
     ids = _ids(T, k, E, drop=0.1)
     x = torch.randn(T, H, generator=_gen(14)).to(dtype)
     ys, _, rm = ops.permute(x, ids, E)

@@ -23,6 +23,9 @@
 #ifndef MOE_EXT_CXX
 #define MOE_EXT_CXX ""
 #endif
+#ifndef MOE_EXT_CUDA_HOST_CXX
+#define MOE_EXT_CUDA_HOST_CXX ""
+#endif
 #ifndef MOE_EXT_TORCH_VERSION
 #define MOE_EXT_TORCH_VERSION ""
 #endif

@@ -17,6 +17,7 @@
 // one warp per slot. Fixed slot order j = 0..k-1, acc accumulation, no floating-point atomics. With
 // --fmad=false, unpermute matches the CPU bit for bit.
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 
@@ -201,11 +202,45 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-// One warp per (token, slice of the row): the row's units [u0, u1) of token t. Slicing only when there
-// are few tokens (decode), so that enough warps are in flight; with many tokens a warp owns a whole
-// row. The token's k (row, weight) pairs are read once into shared memory (k <= 32) instead of once
-// per unit, and the k gathered rows are loaded kGather at a time before they are summed, so a lane
-// has several loads in flight; the sum still runs over j = 0..k-1 in order, as the CPU kernel's does.
+// Two kernels, both summing over j = 0..k-1 in order as the CPU kernel does (bit-identical results):
+//  - unpermute_rows_kernel, one warp per token and whole row, when there are enough tokens to fill the
+//    GPU (T >= kUnpermuteWarps). Few registers, so many warps per SM keep the gathers in flight: 80-84%
+//    of copy bandwidth at 4096 tokens on the H100.
+//  - unpermute_sliced_kernel for fewer tokens (decode): each row split over several warps (below).
+//    It took unpermute at 16 tokens from 28.6 to 5.0 us, but at 4096 tokens it reached only 69-73%
+//    (80 registers: fewer warps per SM), hence the split (bench/NOTES.md, unpermute entries).
+template <typename T, int N>
+__global__ void __launch_bounds__(kRowWarps * 32)
+unpermute_rows_kernel(const Pack<T, N>* __restrict__ ys, const int64_t* __restrict__ row_map,
+                      const typename AccOf<T>::type* __restrict__ weights, Pack<T, N>* __restrict__ y,
+                      int64_t T_, int64_t k, int64_t units, int64_t R) {
+  using Acc = typename AccOf<T>::type;
+  const int lane = threadIdx.x & 31;
+  const int64_t t = int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  if (t >= T_) return;
+  for (int64_t u = lane; u < units; u += 32) {
+    Acc sum[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) sum[n] = Acc(0);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t row = row_map[t * k + j];
+      if (row < 0 || row >= R) continue;  // dropped (an out-of-range row is a caller error: skip it)
+      const Acc w = weights != nullptr ? weights[t * k + j] : Acc(1);
+      const Pack<T, N> p = ys[row * units + u];
+#pragma unroll
+      for (int n = 0; n < N; ++n) sum[n] += w * static_cast<Acc>(p.v[n]);
+    }
+    Pack<T, N> o;
+#pragma unroll
+    for (int n = 0; n < N; ++n) o.v[n] = from_acc<T>(sum[n]);
+    y[t * units + u] = o;
+  }
+}
+
+// One warp per (token, slice of the row): the row's units [u0, u1) of token t, so that enough warps
+// are in flight with few tokens. The token's k (row, weight) pairs are read once into shared memory
+// (k <= 32) instead of once per unit, and the k gathered rows are loaded kGather at a time before they
+// are summed, so a lane has several loads in flight.
 // Minimum 1 block per SM in the launch bounds: without it ptxas held the 16-byte-pack kernels to 64
 // registers on sm_90a and spilled (scripts/check_sass.py allows no local memory).
 constexpr int kGather = 4;
@@ -213,7 +248,7 @@ constexpr int kSharedSlots = 32;
 
 template <typename T, int N>
 __global__ void __launch_bounds__(kRowWarps * 32, 1)
-unpermute_kernel(const Pack<T, N>* __restrict__ ys, const int64_t* __restrict__ row_map,
+unpermute_sliced_kernel(const Pack<T, N>* __restrict__ ys, const int64_t* __restrict__ row_map,
                  const typename AccOf<T>::type* __restrict__ weights, Pack<T, N>* __restrict__ y, int64_t T_,
                  int64_t k, int64_t units, int64_t R, int64_t slices, int64_t slice_units) {
   using Acc = typename AccOf<T>::type;
@@ -414,14 +449,21 @@ cudaError_t launch_unpermute(DType dt, const void* y_sorted, const int64_t* row_
     const int64_t slice_units = (chunks + slices0 - 1) / slices0 * 32;
     const int64_t slices = (units + slice_units - 1) / slice_units;
     const unsigned grid = blocks_for(T * slices, kRowWarps);
+    const auto launch = [&](auto pack) {
+      constexpr int n = decltype(pack)::value;
+      const auto* src = static_cast<const Pack<Tp, n>*>(y_sorted);
+      auto* dst = static_cast<Pack<Tp, n>*>(y);
+      if (T >= kUnpermuteWarps) {
+        unpermute_rows_kernel<Tp, n><<<grid, kRowWarps * 32, 0, stream>>>(src, row_map, w, dst, T, k, units, R);
+      } else {
+        unpermute_sliced_kernel<Tp, n><<<grid, kRowWarps * 32, 0, stream>>>(src, row_map, w, dst, T, k, units, R,
+                                                                           slices, slice_units);
+      }
+    };
     if (vec) {
-      unpermute_kernel<Tp, N><<<grid, kRowWarps * 32, 0, stream>>>(
-          static_cast<const Pack<Tp, N>*>(y_sorted), row_map, w, static_cast<Pack<Tp, N>*>(y), T, k, units, R,
-          slices, slice_units);
+      launch(std::integral_constant<int, N>{});
     } else {
-      unpermute_kernel<Tp, 1><<<grid, kRowWarps * 32, 0, stream>>>(
-          static_cast<const Pack<Tp, 1>*>(y_sorted), row_map, w, static_cast<Pack<Tp, 1>*>(y), T, k, units, R,
-          slices, slice_units);
+      launch(std::integral_constant<int, 1>{});
     }
     MOE_CUDA_LAUNCH_CHECK();
     return cudaSuccess;
