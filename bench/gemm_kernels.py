@@ -187,7 +187,8 @@ def bench_grouped_gemm(model, tokens, gemm="up", backward=False, impls=None, dty
         sets = _make_sets(S, K, N, E, dtype, backward, _rotation(set_bytes), gen)
     except torch.cuda.OutOfMemoryError as e:
         return [dict(name=name, impl=i, shape=shape, tokens=tokens, median_us=None, tflops=None,
-                     speedup_vs_grouped_mm=None, error=f"OOM: {e}".splitlines()[0]) for i in (impls or available_impls(dtype))]
+                     speedup_vs_grouped_mm=None, error=f"OOM: {e}".splitlines()[0])
+                for i in (impls or available_impls(dtype))]
     rows = [dict(name=name, impl=impl, shape=shape, tokens=tokens, median_us=None, tflops=None,
                  speedup_vs_grouped_mm=None) for impl in impls or available_impls(dtype)]
     times = {r["impl"]: [] for r in rows}
@@ -201,7 +202,8 @@ def bench_grouped_gemm(model, tokens, gemm="up", backward=False, impls=None, dty
             impl = row["impl"]
             previous_tile = moe_ext.set_sm90_gemm_tile(impl.split("@", 1)[1]) if "@" in impl else None
             try:
-                times[impl].append(time_us(_impl_fn(impl, sets, offsets, counts, backward), len(sets), warmup, iters))
+                fn = _impl_fn(impl, sets, offsets, counts, backward)
+                times[impl].append(time_us(fn, len(sets), warmup, iters))
                 if impl.startswith("moe_ext") and "kernel" not in row:  # which forward kernel ran
                     torch.ops.moe_ext.grouped_gemm(sets[0]["a"], sets[0]["b"], offsets, False)
                     row["kernel"] = moe_ext._C.last_grouped_gemm_kernel()

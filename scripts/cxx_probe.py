@@ -75,16 +75,14 @@ def _probe(cxx, python, timeout):
             return None, f"could not run {cxx}: {e}"
         if r.returncode != 0:
             return None, f"{cxx} could not build the probe library: {r.stderr.strip()[-500:]}"
-        try:
-            r = subprocess.run([python, "-c", _RUNNER, lib], capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
+        kind, got = _run_python(python, _RUNNER, lib, timeout)
+        if kind == "hung":
             return False, f"a library built by {cxx} hung while formatting an integer next to torch"
-        if r.returncode < 0:
-            return False, (f"a library built by {cxx} crashed (signal {-r.returncode}) formatting an integer "
+        if kind == "crashed":
+            return False, (f"a library built by {cxx} crashed ({got}) formatting an integer "
                            "in a process that has loaded torch")
-        if r.returncode != 0:
-            return None, f"the probe could not run: {r.stderr.strip()[-500:]}"
-        got = r.stdout.strip()
+        if kind == "failed":
+            return None, f"the probe could not run: {got[-500:]}"
         if got != _EXPECTED:
             return False, (f"a library built by {cxx} formatted the integer 4096 as {got!r} (expected "
                            f"{_EXPECTED!r}) in a process that has loaded torch")
@@ -109,19 +107,31 @@ def check_module(path, python=sys.executable, timeout=300):
     raise an error message that formats the shape [3, 5]. The compiler probe alone missed the GPU image's
     case (nvcc's host compiler brought its own libstdc++ onto the link line); this checks the module
     that was actually built."""
-    try:
-        r = subprocess.run([python, "-c", _MODULE_RUNNER, path], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    kind, got = _run_python(python, _MODULE_RUNNER, path, timeout)
+    if kind == "hung":
         return False, f"the built extension {path} hung raising an error that names a shape"
-    if r.returncode < 0:
-        return False, (f"the built extension {path} crashed (signal {-r.returncode}) raising an error that "
-                       "names a shape ([3, 5]) next to torch")
-    if r.returncode != 0:
-        return False, f"the built extension {path} failed to load: {r.stderr.strip()[-800:]}"
-    if "[3, 5]" not in r.stdout:
-        return False, (f"the built extension {path} formatted the shape [3, 5] as {r.stdout.strip()!r} in an "
-                       "error message next to torch")
+    if kind == "crashed":
+        return False, (f"the built extension {path} crashed ({got}) raising an error that names a shape ([3, 5]) "
+                       "next to torch")
+    if kind == "failed":
+        return False, f"the built extension {path} failed to load: {got[-800:]}"
+    if "[3, 5]" not in got:
+        return False, (f"the built extension {path} formatted the shape [3, 5] as {got!r} in an error message "
+                       "next to torch")
     return True, "the built module formats its error messages correctly"
+
+
+def _run_python(python, code, arg, timeout):
+    """Run `python -c code arg`: ("ok", stdout), ("crashed", "signal N"), ("failed", stderr) or ("hung", "")."""
+    try:
+        r = subprocess.run([python, "-c", code, arg], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "hung", ""
+    if r.returncode < 0:
+        return "crashed", f"signal {-r.returncode}"
+    if r.returncode != 0:
+        return "failed", r.stderr.strip()
+    return "ok", r.stdout.strip()
 
 
 def default_compiler():

@@ -490,7 +490,8 @@ def test_sm90_auto_tile_choice():
     y = randn(M, Q, dtype=torch.bfloat16, gen=gen)
     with sm90_tile("auto"):
         assert gemm_tile_launched(lambda: ops.grouped_gemm_wgrad(x, y, offs)) == 256
-        assert gemm_tile_launched(lambda: ops.grouped_gemm_wgrad(x[:1000 * E], y[:1000 * E], offs.clamp(max=1000 * E))) == 128
+        n = 1000 * E  # 1000 rows per expert on average
+        assert gemm_tile_launched(lambda: ops.grouped_gemm_wgrad(x[:n], y[:n], offs.clamp(max=n))) == 128
 
 
 # ----------------------------------------------------------------------- no host sync, CUDA graphs

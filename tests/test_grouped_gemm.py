@@ -128,8 +128,8 @@ def test_sm90_gemm_tile_environment(value, expect):
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     if expect is None:
         assert p.returncode != 0
-        assert "ValueError: moe_ext: the environment variable MOE_EXT_SM90_TILE must be 'auto', '128x128' or '128x256', got 'wide'" \
-            in p.stderr
+        assert ("ValueError: moe_ext: the environment variable MOE_EXT_SM90_TILE must be 'auto', '128x128' or "
+                "'128x256', got 'wide'") in p.stderr
     else:
         assert p.returncode == 0, p.stderr
         assert p.stdout.strip() == expect
