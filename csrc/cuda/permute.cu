@@ -249,8 +249,8 @@ constexpr int kSharedSlots = 32;
 template <typename T, int N>
 __global__ void __launch_bounds__(kRowWarps * 32, 1)
 unpermute_sliced_kernel(const Pack<T, N>* __restrict__ ys, const int64_t* __restrict__ row_map,
-                 const typename AccOf<T>::type* __restrict__ weights, Pack<T, N>* __restrict__ y, int64_t T_,
-                 int64_t k, int64_t units, int64_t R, int64_t slices, int64_t slice_units) {
+                        const typename AccOf<T>::type* __restrict__ weights, Pack<T, N>* __restrict__ y,
+                        int64_t T_, int64_t k, int64_t units, int64_t R, int64_t slices, int64_t slice_units) {
   using Acc = typename AccOf<T>::type;
   __shared__ int64_t s_row[kRowWarps][kSharedSlots];
   __shared__ Acc s_w[kRowWarps][kSharedSlots];
