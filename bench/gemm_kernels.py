@@ -243,7 +243,9 @@ def run(models=None, tokens=None, gemms=GEMMS, backward=(False, True), impls=Non
 def main(argv=None):
     """python bench/gemm_kernels.py [--quick] [--out FILE.json]: the issue's goal points (--quick:
     Mixtral at 8192 tokens forward and forward+backward, 1/16-token decode, and Qwen3-30B-A3B at 4096
-    tokens in bf16, in exact fp32 and in fp32 as TF32) or the full grid."""
+    tokens in bf16, in exact fp32 and in fp32 as TF32; plus the forward at 64-256 rows per expert,
+    Qwen3 at 1024 tokens and Mixtral at 1024, where the sm_90a tile threshold is decided) or the full
+    grid."""
     import argparse
     import json
 
@@ -254,6 +256,8 @@ def main(argv=None):
     if a.quick:
         rows = run(models=["mixtral"], tokens=[1, 16, 8192]) + run(models=["qwen3-30b-a3b"], tokens=[4096],
                                                                    backward=(False,))
+        # rows per expert: Qwen3 64 (1024 tokens) and 256 (4096, above), Mixtral 256 (1024 tokens)
+        rows += run(models=["qwen3-30b-a3b", "mixtral"], tokens=[1024], backward=(False,))
         tf32 = torch.backends.cuda.matmul.allow_tf32
         try:  # fp32 exact, then as TF32 (the loop and dense baselines follow the same switch)
             for allow in (False, True):
