@@ -186,9 +186,11 @@ OPTIONAL=1 MIN_S=40 step bench_kernels 120 "$FINAL_RESERVE" bash -c "mkdir -p '$
     $PY bench/routing_kernels.py '$BENCH_DIR/routing_kernels.json' && \
     $PY bench/gemm_kernels.py --quick --out '$BENCH_DIR/gemm_kernels.json'"
 
-# Why DeepSeek-V3 gating takes ~32 us per block (bench/NOTES.md, baseline): ncu on one warp-kernel launch.
+# DeepSeek-V3 gating, one warp-kernel launch under ncu (bench/NOTES.md, gating entries). --clock-control
+# none: ncu otherwise locks the clocks to base (run 2's report ran at 1.59 GHz), and card settings stay
+# as they are (shared design gpu.md).
 if command -v ncu >/dev/null; then
-    OPTIONAL=1 MIN_S=30 step ncu_gating 45 "$FINAL_RESERVE" bash -c "mkdir -p '$BENCH_DIR' && ncu --section SpeedOfLight \
+    OPTIONAL=1 MIN_S=30 step ncu_gating 45 "$FINAL_RESERVE" bash -c "mkdir -p '$BENCH_DIR' && ncu --clock-control none --section SpeedOfLight \
         --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
         -k regex:gate_warp_kernel -c 1 $PY -c \"
 import torch, moe_ext
