@@ -74,6 +74,9 @@ def _choose(probe, requested, role):
     return shutil.which(chosen) or chosen, shutil.which(chosen) or chosen
 
 
+_COMPILER_ENV = {"CMAKE_CXX_COMPILER": "CXX", "CMAKE_CUDA_HOST_COMPILER": "CUDAHOSTCXX"}  # CMake var -> env var
+
+
 def _choose_compilers():
     """{CMake variable: (override, expected)} for the C++ compiler and nvcc's host compiler, each checked
     with scripts/cxx_probe.py. Both matter: the host halves of the .cu files are built by the second, and
@@ -83,7 +86,7 @@ def _choose_compilers():
         return {"CMAKE_CXX_COMPILER": none, "CMAKE_CUDA_HOST_COMPILER": none}
     probe = _load_probe()
     cuda = os.environ.get("MOE_EXT_CUDA", "auto") != "0"
-    return {  # in this order: CXX, CUDAHOSTCXX (build_extension pairs them with those variables)
+    return {
         "CMAKE_CXX_COMPILER": _choose(probe, probe and probe.default_compiler(), "CXX"),
         "CMAKE_CUDA_HOST_COMPILER": _choose(probe, probe and probe.default_cuda_host(), "CUDAHOSTCXX") if cuda
         else none,
@@ -131,10 +134,10 @@ class CMakeBuild(build_ext):
                 args += ["-G", "Ninja"]
         compilers = _choose_compilers()
         env = dict(os.environ)  # an override also replaces its variable, which torch's FindCUDA reads too
-        for (var, (override, _)), env_var in zip(compilers.items(), ("CXX", "CUDAHOSTCXX")):
+        for var, (override, _) in compilers.items():
             if override is not None:
                 args.append(f"-D{var}={override}")
-                env[env_var] = override
+                env[_COMPILER_ENV[var]] = override
         cache = os.path.join(build_dir, "CMakeCache.txt")
         if os.path.exists(cache):  # a generator or compiler switch would fail on the old cache
             with open(cache) as f:

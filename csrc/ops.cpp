@@ -40,6 +40,19 @@ TORCH_LIBRARY(moe_ext, m) {
 
 namespace py = pybind11;
 
+namespace {
+// A bad tile name (argument or MOE_EXT_SM90_TILE) raises c10::ValueError, which pybind11 turns into
+// RuntimeError under some torch versions (2.11): rethrown as Python's ValueError on all of them.
+template <typename F>
+auto value_errors_as_python(F f) {
+  try {
+    return f();
+  } catch (const c10::ValueError& e) {
+    throw py::value_error(e.what_without_backtrace());
+  }
+}
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moe_ext native module: loading it registers the torch.ops.moe_ext operators.";
   m.def("build_info", [] {
@@ -73,21 +86,13 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "The CPU large-block cache (csrc/cpu/memory.h): cached_bytes, limit_bytes, hits, misses.");
   m.def("empty_cpu_cache", &moe_ext::empty_cpu_cache, "Free the CPU large-block cache's idle blocks.");
-  // A bad tile name (argument or MOE_EXT_SM90_TILE) raises c10::ValueError, which pybind11 turns into
-  // RuntimeError under some torch versions (2.11): rethrown as Python's ValueError on all of them.
   m.def("sm90_gemm_tile", [] {
-    try {
-      return std::string(moe_ext::gemm_tile_name(moe_ext::sm90_gemm_tile()));
-    } catch (const c10::ValueError& e) {
-      throw py::value_error(e.what_without_backtrace());
-    }
+    return value_errors_as_python([] { return std::string(moe_ext::gemm_tile_name(moe_ext::sm90_gemm_tile())); });
   }, "The sm_90a grouped GEMM tile setting: 'auto', '128x128' or '128x256'.");
   m.def("set_sm90_gemm_tile", [](const std::string& tile) {
-    try {
+    value_errors_as_python([&] {
       moe_ext::set_sm90_gemm_tile(moe_ext::parse_gemm_tile(tile, "the sm_90a grouped GEMM tile"));
-    } catch (const c10::ValueError& e) {
-      throw py::value_error(e.what_without_backtrace());
-    }
+    });
   }, "Set the sm_90a grouped GEMM tile: 'auto', '128x128' or '128x256'.");
   m.def("last_grouped_gemm_kernel", [] { return std::string(moe_ext::last_grouped_gemm_kernel()); },
         "The CUDA grouped GEMM kernel this thread launched last, e.g. 'sm90_bf16_nn_t256' or 'simt'.");

@@ -21,6 +21,8 @@ std::atomic<int>& tile_setting() {
   return tile;
 }
 
+thread_local const char* last_kernel = "";
+
 }  // namespace
 
 GemmTile sm90_gemm_tile() { return static_cast<GemmTile>(tile_setting().load(std::memory_order_relaxed)); }
@@ -42,10 +44,6 @@ const char* gemm_tile_name(GemmTile tile) {
     default: return "auto";
   }
 }
-
-namespace {
-thread_local const char* last_kernel = "";
-}  // namespace
 
 void note_grouped_gemm_kernel(const char* name) { last_kernel = name; }
 

@@ -94,10 +94,11 @@ bool choose_wide_tile(const GroupedGemmArgs& g) {
   return tiles >= 2 * int64_t(g.sm_count);
 }
 
-// The CUTLASS kernel for (device, dtype, form, tile), or an error that says why there is none. `wide`
-// (the 128x256 tile) only matters on sm_90.
-KernelFns find_cutlass_kernel(const char* op, const cudaDeviceProp& prop, at::ScalarType dtype, Form form,
-                              bool wide) {
+// The CUTLASS kernel for (device, dtype, problem), or an error that says why there is none. The tile
+// setting is read only on sm_90, the one arch with two tiles.
+KernelFns find_cutlass_kernel(const char* op, const cudaDeviceProp& prop, at::ScalarType dtype,
+                              const GroupedGemmArgs& args) {
+  const Form form = args.form;
   TORCH_CHECK(MOE_EXT_WITH_CUTLASS, "moe_ext.", op, ": the CUDA ", dtype,
               " grouped GEMM needs CUTLASS, which was not found when moe_ext was built. Install its headers "
               "(pip install --no-deps nvidia-cutlass==4.2.0.0, or set MOE_EXT_CUTLASS_DIR to a CUTLASS "
@@ -110,7 +111,7 @@ KernelFns find_cutlass_kernel(const char* op, const cudaDeviceProp& prop, at::Sc
   const bool sm8x = prop.major == 8 && built_for_sm8x(prop.minor);
   if (sm90) {
 #if MOE_EXT_GEMM_SM90
-    if (wide) {
+    if (choose_wide_tile(args)) {
       switch (form) {
         case Form::kFwdNN:
           return fp16 ? MOE_EXT_FP16_FNS(sm90_fp16_nn_t256) : MOE_EXT_KERNEL_FNS(sm90_bf16_nn_t256);
@@ -219,7 +220,7 @@ bool run_grouped(const char* op, GroupedGemmArgs& args, at::ScalarType dtype, bo
   const cudaDeviceProp& prop = *at::cuda::getDeviceProperties(args.device);
   KernelFns k;
   if (fits && dtype == at::kFloat) k = find_fp32_kernel(prop, args.form, aligned);
-  if (fits && aligned && half) k = find_cutlass_kernel(op, prop, dtype, args.form, choose_wide_tile(args));
+  if (fits && aligned && half) k = find_cutlass_kernel(op, prop, dtype, args);
   note_grouped_gemm_kernel(k.run == nullptr ? "simt" : k.name);
   if (k.run == nullptr) {
     C10_CUDA_CHECK(gemm::grouped_gemm_simt(args, simt_dtype(dtype), stream));
