@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Static checks of the CUDA kernels in the built extension (no GPU needed).
 
-    python scripts/check_sass.py [path/to/_C*.so] [--markdown] [--cuobjdump PATH]
+    python scripts/check_sass.py [path/to/_C*.so] [--markdown | --families] [--cuobjdump PATH]
 
 For every moe_ext kernel (a function whose mangled name is in namespace moe_ext) and every SASS arch
 in the binary, `cuobjdump --dump-resource-usage` must report no local memory and no stack frame
 (spills, or arrays indexed at run time, would show up there). It prints registers per kernel
-(--markdown: as the table in docs/kernels.md) and exits non-zero on any failure.
+(--markdown: a markdown table of every instantiation; --families: min-max per kernel family over
+its dtypes, the table in docs/kernels.md) and exits non-zero on any failure.
 
 Instruction requirements: REQUIRED_SASS lists (kernel-name regex, arch regex, instruction regexes):
 every matching kernel's SASS must contain each instruction (e.g. HGMMA for the sm_90a grouped GEMM).
@@ -117,11 +118,31 @@ def short_name(demangled: str) -> str:
     return re.sub(r"^void ", "", name)
 
 
+def family(name: str) -> str:
+    """A kernel's row in the docs table: the name, plus NPL when the first template argument is an
+    integer (values per lane), or scalar/vector when the last one is (elements per access)."""
+    name = re.sub(r"^moe_ext::", "", name)
+    m = re.match(r"([\w:]+)<(.*)>$", name)
+    if not m:
+        return name
+    args = [a.strip() for a in m.group(2).split(",")]
+    if re.fullmatch(r"\d+", args[0]):
+        return f"{m.group(1)}<NPL={args[0]}>"
+    if len(args) > 1 and re.fullmatch(r"\d+", args[-1]):
+        return f"{m.group(1)}<{'scalar' if args[-1] == '1' else 'vector'}>"
+    return m.group(1)
+
+
+def span(vals: list[int]) -> str:
+    return str(min(vals)) if min(vals) == max(vals) else f"{min(vals)}-{max(vals)}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("so", nargs="?")
     ap.add_argument("--cuobjdump")
     ap.add_argument("--markdown", action="store_true", help="print the register table as markdown")
+    ap.add_argument("--families", action="store_true", help="print registers per kernel family (docs/kernels.md)")
     args = ap.parse_args()
     cuobjdump, so = find_cuobjdump(args.cuobjdump), find_so(args.so)
     rows = [r for r in resource_usage(cuobjdump, so) if OUR_KERNEL.search(r["mangled"])]
@@ -159,6 +180,16 @@ def main() -> int:
                 r = table[name].get(a)
                 cells.append(f"{r['reg']} / {r['local'] + r['stack']} / {r['shared']}" if r else "-")
             print(f"| `{name}` | " + " | ".join(cells) + " |")
+    elif args.families:
+        fam: dict[str, dict[str, list[dict]]] = {}
+        for r in rows:
+            fam.setdefault(family(r["name"]), {}).setdefault(r["arch"], []).append(r)
+        print("| kernel (all dtypes) | " + " | ".join(f"{a} regs" for a in archs) + " | local/stack bytes |")
+        print("|---|" + "---|" * (len(archs) + 1))
+        for name in sorted(fam):
+            regs = [span([r["reg"] for r in fam[name][a]]) if a in fam[name] else "-" for a in archs]
+            local = max(r["local"] + r["stack"] for a in fam[name] for r in fam[name][a])
+            print(f"| `{name}` | " + " | ".join(regs) + f" | {local} |")
     else:
         for name in sorted(table):
             cells = "  ".join(f"{a}: reg {table[name][a]['reg']:3d} local {table[name][a]['local'] + table[name][a]['stack']}"

@@ -88,10 +88,14 @@ def test_gating_dtypes(dtype, E, k):
         _assert_gating_equal(cpu, gpu, dtype)
 
 
-@pytest.mark.parametrize("E,groups,topk_groups,k", [(256, 8, 4, 8), (160, 8, 3, 6), (64, 64, 8, 8), (384, 16, 2, 16)])
+# E = 32 * groups (groups of 32, one register slot each: 64/2, 128/4, 256/8, 512/16) takes the
+# warp-reduction group stage; the others stage keys in shared memory.
+@pytest.mark.parametrize("E,groups,topk_groups,k", [(256, 8, 4, 8), (160, 8, 3, 6), (64, 64, 8, 8), (384, 16, 2, 16),
+                                                    (64, 2, 1, 4), (128, 4, 2, 6), (512, 16, 3, 12)])
 @pytest.mark.parametrize("score", ["sigmoid", "softmax"])
-def test_gating_bias_and_groups(E, groups, topk_groups, k, score):
-    logits = _logits(129, E, torch.float32, seed=E)
+@pytest.mark.parametrize("T", [7, 129])  # one token block (writes the final sums itself), and several
+def test_gating_bias_and_groups(E, groups, topk_groups, k, score, T):
+    logits = _logits(T, E, torch.float32, seed=E)
     bias = torch.randn(E, generator=_gen(1)) * 0.1
     cpu, gpu = _gating_both(logits, k, score_func=score, expert_bias=bias, num_groups=groups,
                             topk_groups=topk_groups, routed_scaling=2.5)
@@ -138,6 +142,11 @@ def test_gating_nan_logits(E):
         torch.testing.assert_close(gpu[0], cpu[0], equal_nan=True)
     cpu, gpu = _gating_both(logits, 4, score_func="sigmoid")
     assert torch.equal(cpu[1], gpu[1])
+    if E == 256:  # NaN keys in both group stages: groups of 32 (register slots) and of 16 (staged)
+        for groups in (8, 16):
+            cpu, gpu = _gating_both(logits, 4, score_func="sigmoid", num_groups=groups, topk_groups=2)
+            assert torch.equal(cpu[1], gpu[1])
+            assert torch.equal(cpu[2], gpu[2])
 
 
 INF, NAN = float("inf"), float("nan")
@@ -230,6 +239,20 @@ def test_gating_ties_lower_id_wins(E):
     lb = torch.randint(-3, 3, (64, E), generator=_gen(3)).to(torch.bfloat16)  # many exact ties
     cpu, gpu = _gating_both(lb, 8)
     _assert_gating_equal(cpu, gpu, torch.bfloat16)
+    if E >= 64:  # tied keys and tied group scores, in both group stages (groups of 32, and of 16)
+        for groups in (E // 32, E // 16):
+            for score in ("sigmoid", "softmax"):
+                cpu, gpu = _gating_both(lb, 8, score_func=score, num_groups=groups, topk_groups=max(1, groups // 2))
+                _assert_gating_equal(cpu, gpu, torch.bfloat16)
+
+
+def test_gating_signed_zero_keys_tie():
+    # -0 + -0 keeps a -0 key; it ties with +0, so the lower id wins on both back ends
+    logits = torch.tensor([[0.0, -0.0, -0.0, 0.0, -1.0, -0.0]] * 3)
+    bias = torch.full((6,), -0.0)
+    cpu, gpu = _gating_both(logits, 3, order="topk_softmax", expert_bias=bias)
+    assert gpu[1].tolist() == [[0, 1, 2]] * 3
+    _assert_gating_equal(cpu, gpu, torch.float32)
 
 
 def test_gating_noncontiguous():

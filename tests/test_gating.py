@@ -61,6 +61,14 @@ def test_ties_go_to_lower_expert_id():
     torch.testing.assert_close(out.weights[0], torch.full((3,), 1 / 3))
 
 
+def test_signed_zero_keys_tie():
+    # A -0 key (-0 logit plus -0 bias) equals +0: ties go to the lower id, not to +0 first.
+    logits = torch.tensor([[0.0, -0.0, -0.0, 0.0, -1.0, -0.0], [-0.0, 0.0, -1.0, -0.0, 0.0, 0.0]])
+    out = moe_ext.topk_gating(logits, 3, order="topk_softmax", expert_bias=torch.full((6,), -0.0))
+    assert out.expert_ids.tolist() == [[0, 1, 2], [0, 1, 3]]
+    torch.testing.assert_close(out.weights, torch.full((2, 3), 1 / 3))
+
+
 def test_nan_logits_give_in_range_ids():
     logits = torch.randn(6, 10)
     logits[0] = float("nan")

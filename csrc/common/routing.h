@@ -46,13 +46,56 @@ constexpr double kRenormEps = 1e-20;
 // The total order used to rank experts: larger key first, NaN after every number, and among equal
 // keys the lower expert id first. Every selection on both back ends goes through this one predicate,
 // so ties and NaN logits resolve identically on CPU and GPU, and an id is always in range.
+//
+// rank_bits writes the key part of that order as an unsigned integer (a ranks before b iff its
+// bits are larger, or equal with the lower id), so that a CUDA warp can rank by integer max/min
+// reductions (redux.sync). NaN gets 0, after every number (-inf included); -0 gets the bits of +0,
+// since the two compare equal. rank_value inverts it (NaN for 0, +0 for either zero).
+MOE_HD uint32_t bits_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t b;
+  __builtin_memcpy(&b, &x, sizeof b);
+  return b;
+#endif
+}
+MOE_HD uint64_t bits_of(double x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<uint64_t>(__double_as_longlong(x));
+#else
+  uint64_t b;
+  __builtin_memcpy(&b, &x, sizeof b);
+  return b;
+#endif
+}
+
+template <typename T>
+MOE_HD auto rank_bits(T x) {
+  using U = decltype(bits_of(x));
+  constexpr U kSign = U(1) << (8 * sizeof(U) - 1);
+  U b = bits_of(x);
+  if (x != x) return U(0);
+  if ((b & ~kSign) == 0) b = 0;  // -0 ranks as +0
+  return (b & kSign) ? U(~b) : U(b | kSign);
+}
+
+MOE_HD float rank_value(uint32_t r) {
+  if (r == 0) return NAN;
+  const uint32_t b = (r >> 31) ? (r & 0x7fffffffu) : ~r;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  __builtin_memcpy(&f, &b, sizeof f);
+  return f;
+#endif
+}
+
 template <typename T>
 MOE_HD bool ranks_before(T a, int ia, T b, int ib) {
-  const bool a_nan = a != a;
-  const bool b_nan = b != b;
-  if (a_nan != b_nan) return b_nan;
-  if (!a_nan && a != b) return a > b;
-  return ia < ib;
+  const auto ra = rank_bits(a), rb = rank_bits(b);
+  return ra != rb ? ra > rb : ia < ib;
 }
 
 // Routing maths runs in acc_t: float for fp32/fp16/bf16 inputs, double for fp64 (gradcheck).
@@ -73,24 +116,34 @@ MOE_HD float moe_pow2i(int n) {  // 2^n for n in [-126, 127]
 #endif
 }
 
+// Branch-free: the special cases are selected after the arithmetic (done on an in-range stand-in),
+// so a CUDA warp's independent exps can overlap instead of each sitting behind its own branches.
 MOE_HD float moe_exp(float x) {
-  if (x != x) return x;
-  if (x > 88.72283935546875f) return INFINITY;
-  if (x < -103.972084045410156f) return 0.0f;
-  const float n = floorf(x * 1.44269504088896341f + 0.5f);
-  const float y = exp_of_reduced(x, n);
+  constexpr float kHi = 88.72283935546875f;     // above: +inf
+  constexpr float kLo = -103.972084045410156f;  // below: 0
+  const float xr = (x >= kLo && x <= kHi) ? x : 0.f;  // NaN too: no float-to-int of NaN or inf
+  const float n = floorf(xr * 1.44269504088896341f + 0.5f);
+  const float y = exp_of_reduced(xr, n);
   // two exact power-of-two steps keep 2^n representable; only the last product can round (subnormals)
   const int ni = static_cast<int>(n);
   const int n1 = ni / 2;
-  return y * moe_pow2i(n1) * moe_pow2i(ni - n1);
+  const float v = y * moe_pow2i(n1) * moe_pow2i(ni - n1);
+  return x != x ? x : (x > kHi ? INFINITY : (x < kLo ? 0.0f : v));
 }
 MOE_HD double moe_exp(double x) { return exp(x); }
 MOE_HD float moe_log(float x) { return logf(x); }
 MOE_HD double moe_log(double x) { return log(x); }
 
+// 1 / sigmoid(x). Split out so that a CUDA warp can take all its exps before the divisions (each
+// division branches to a slow path, which would otherwise keep the exps apart).
+template <typename T>
+MOE_HD T sigmoid_denominator(T x) {
+  return T(1) + moe_exp(-x);
+}
+
 template <typename T>
 MOE_HD T sigmoid_(T x) {
-  return T(1) / (T(1) + moe_exp(-x));
+  return T(1) / sigmoid_denominator(x);
 }
 
 // The score each expert gets before selection: softmax needs the row max and 1/sum(exp(x - max)).

@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kWarp) reroute_warp_kernel(index_t* ids, const
               best = static_cast<int>(a);
             }
           }
-          warp_best(best_key, best);
+          best = warp_best_id(best_key, best);
           __syncwarp();  // every lane's reads of load and row before lane 0 writes them
           if (lane == 0) {
             const bool found = best != INT_MAX;

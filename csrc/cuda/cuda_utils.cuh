@@ -60,35 +60,57 @@ __device__ __forceinline__ T warp_tree_sum(T v) {
   return v;
 }
 
-// Largest value; NaN lanes never win (as in row_softmax_stats' `l > m`).
-__device__ __forceinline__ float warp_max(float v) {
+// sm_80 and newer reduce a warp's 32-bit integers in one instruction (redux.sync) where a butterfly
+// takes five shuffle rounds. Integer max/min are exact, so either way gives the same answer.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MOE_WARP_REDUX 1
+#else
+#define MOE_WARP_REDUX 0
+#endif
+
+__device__ __forceinline__ unsigned warp_umax(unsigned v) {
+#if MOE_WARP_REDUX
+  return __reduce_max_sync(kFullMask, v);
+#else
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float o = __shfl_xor_sync(kFullMask, v, off);
-    v = o > v ? o : v;
-  }
+  for (int off = 16; off > 0; off >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, off));
   return v;
+#endif
 }
 
-// The best (key, id) of the warp under routing.h's ranks_before; every lane gets it. The order is
-// total, so the butterfly's pairing does not change the winner.
-__device__ __forceinline__ void warp_best(float& key, int& id) {
+__device__ __forceinline__ unsigned warp_umin(unsigned v) {
+#if MOE_WARP_REDUX
+  return __reduce_min_sync(kFullMask, v);
+#else
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ok = __shfl_xor_sync(kFullMask, key, off);
-    const int oi = __shfl_xor_sync(kFullMask, id, off);
-    if (ranks_before(ok, oi, key, id)) {
-      key = ok;
-      id = oi;
-    }
-  }
+  for (int off = 16; off > 0; off >>= 1) v = min(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+#endif
+}
+
+// Largest value; NaN lanes never win (as in row_softmax_stats' `l > m`). A zero maximum comes back
+// as +0, whichever zero the lanes held: row_softmax_stats may keep -0 there, and x - (-0) and
+// x - (+0) differ only for x = -0 (then exp gives 1 either way), so no result changes.
+__device__ __forceinline__ float warp_max(float v) {
+  return rank_value(warp_umax(v != v ? 0u : rank_bits(v)));
+}
+
+// The id of the warp's best (key, id) under routing.h's ranks_before, on every lane: the largest
+// rank_bits, then the lowest id among the lanes holding it (ids compared as signed ints, as
+// ranks_before does, by flipping the sign bit). A lane with nothing to offer passes (NaN, INT_MAX).
+__device__ __forceinline__ int warp_best_id(float key, int id) {
+  const unsigned r = rank_bits(key);
+  const unsigned top = warp_umax(r);
+  constexpr unsigned kFlip = 0x80000000u;
+  return static_cast<int>(warp_umin(r == top ? static_cast<unsigned>(id) ^ kFlip : ~0u) ^ kFlip);
 }
 
 // One token's softmax statistics from the lane's registers: the row max and the fixed-order sum of
-// exp(l - max), exactly as routing.h row_softmax_stats computes them.
+// exp(l - max), exactly as routing.h row_softmax_stats computes them. ex (optional) receives each
+// exp(l - max) (0 for padding), which softmax scoring reuses: score_of computes the same product.
 template <int NPL>
 __device__ __forceinline__ void warp_row_stats(const float (&lg)[NPL], int lane, int E, float* m_out,
-                                               float* sum_out) {
+                                               float* sum_out, float (*ex)[NPL] = nullptr) {
   float m = -INFINITY;
 #pragma unroll
   for (int i = 0; i < NPL; ++i)
@@ -96,8 +118,13 @@ __device__ __forceinline__ void warp_row_stats(const float (&lg)[NPL], int lane,
   m = warp_max(m);
   float s = 0.f;
 #pragma unroll
-  for (int i = 0; i < NPL; ++i)
-    if (lane + 32 * i < E) s += moe_exp(lg[i] - m);
+  for (int i = 0; i < NPL; ++i) {
+    // padding (lg = 0) takes the exp too and drops it: no branch around each exp, so they overlap
+    const bool real = lane + 32 * i < E;
+    const float x = moe_exp(lg[i] - m);
+    if (ex) (*ex)[i] = real ? x : 0.f;
+    if (real) s += x;
+  }
   *m_out = m;
   *sum_out = warp_tree_sum(s);
 }

@@ -2,7 +2,8 @@
 //
 // Fast path (fp32/fp16/bf16 logits, E <= 512, k <= 32): one warp per token, lane l holding experts
 // l, l + 32, ... in registers (NPL = values per lane, a template bucket). Selection is k rounds of a
-// warp argmax under routing.h's ranks_before; lane j keeps chosen slot j. Every float sum follows the
+// warp argmax under routing.h's ranks_before, taken as two integer reductions of rank_bits (the
+// largest rank, then the lowest id holding it); lane j keeps chosen slot j. Every float sum follows the
 // order the CPU kernel uses (routing.h fixed_order_sum, chosen slots in order j = 0..k-1), and the
 // file is compiled with --fmad=false, so ids, weights and score_sum match the CPU bit for bit.
 //
@@ -11,7 +12,9 @@
 //
 // Per-expert sums: each block of kGateTokenBlock tokens writes one row of partial sums and counts
 // ([num_blocks, E]), and a second kernel combines the rows in fixed_order_sum order: deterministic,
-// no floating-point atomics.
+// no floating-point atomics. A single block (decode) writes the final sums itself.
+#include <type_traits>
+
 #include "cuda_utils.cuh"
 
 namespace moe_ext::cuda {
@@ -45,8 +48,9 @@ int64_t generic_chunk(const GatingParams& p, size_t acc_size) {
   return c < all ? c : all;
 }
 
-// Group-limited routing: the kept-group mask of routing.h select_groups. Lane g scores groups g and
-// g + 32 from the keys staged in `keys` (shared memory), then topk_groups rounds of a warp argmax.
+// Group-limited routing, any group size: the kept-group mask of routing.h select_groups. Lane g
+// scores groups g and g + 32 from the keys staged in `keys` (shared memory), then topk_groups rounds
+// of a warp argmax.
 __device__ __forceinline__ uint64_t warp_select_groups(const GatingParams& p, const float* keys, int lane) {
   const int gsize = p.num_experts / p.num_groups;
   const auto key_at = [&](int e) { return keys[e]; };
@@ -59,19 +63,53 @@ __device__ __forceinline__ uint64_t warp_select_groups(const GatingParams& p, co
     int bg = INT_MAX;  // "none": ranks after every real group
     if (g0 < p.num_groups && !(kept >> g0 & 1)) { bk = v0; bg = g0; }
     if (g1 < p.num_groups && !(kept >> g1 & 1) && ranks_before(v1, g1, bk, bg)) { bk = v1; bg = g1; }
-    warp_best(bk, bg);
-    kept |= uint64_t(1) << bg;
+    kept |= uint64_t(1) << warp_best_id(bk, bg);
   }
   return kept;
 }
 
-// The explicit minimum of 1 block: with the bare 512-thread bound, ptxas held the NPL = 4 16-bit
-// kernels to 40 registers on sm_90a and spilled; with it they take 48, no spills (check_sass).
+// Group-limited routing when group i is register slot i: E = 32 * NPL experts in NPL groups of 32
+// (DeepSeek-V3: 256 in 8). A group's score (routing.h group_score: the sum of its two best keys)
+// comes from three warp reductions over slot i instead of a serial scan of 32 keys, and every lane
+// ends with all NPL group scores, so the kept set (the topk_groups best under ranks_before) needs
+// no further communication. cand: rank_bits(key) + 1 of each expert.
+template <int NPL>
+__device__ __forceinline__ uint64_t warp_select_slot_groups(const GatingParams& p, const unsigned (&cand)[NPL],
+                                                            int lane) {
+  unsigned gr[NPL];
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    const unsigned c1 = warp_umax(cand[i]);
+    const unsigned first = warp_umin(cand[i] == c1 ? unsigned(lane) : 32u);
+    const unsigned c2 = warp_umax(unsigned(lane) == first ? 0u : cand[i]);
+    // rank_value gives back the keys (a zero as +0: sums then differ from the CPU's only in the
+    // sign of a zero, which ranks the same)
+    gr[i] = rank_bits(rank_value(c1 - 1u) + rank_value(c2 - 1u));
+  }
+  uint64_t kept = 0;
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    int before = 0;  // groups ranking before group i
+#pragma unroll
+    for (int j = 0; j < NPL; ++j) before += j < i ? gr[j] >= gr[i] : (j > i && gr[j] > gr[i]);
+    if (before < p.topk_groups) kept |= uint64_t(1) << i;
+  }
+  return kept;
+}
+
+// Launch bounds: two blocks per SM (64 registers) up to NPL = 8, which keeps DeepSeek-V3's 4096
+// tokens (256 blocks) in one wave on an H100; NPL = 16 needs more and takes one. An explicit minimum
+// either way: with the bare 512-thread bound ptxas held the NPL = 4 16-bit kernels to 40 registers
+// on sm_90a and spilled (check_sass).
+//
+// A grid of one block (num_tokens <= kGateTokenBlock, decode) also finishes the per-expert sums,
+// as gate_finalize_kernel would from its single partial row, which saves that launch.
 template <int NPL, typename In>
-__global__ void __launch_bounds__(kWarps * 32, 1)
+__global__ void __launch_bounds__(kWarps * 32, NPL <= 8 ? 2 : 1)
 gate_warp_kernel(GatingParams p, const In* __restrict__ logits, const float* __restrict__ bias,
                  float* __restrict__ weights, int* __restrict__ ids, float* __restrict__ lse,
-                 float* __restrict__ psum, int* __restrict__ pcnt) {
+                 float* __restrict__ psum, int* __restrict__ pcnt, float* __restrict__ score_sum,
+                 int* __restrict__ tokens_per_expert) {
   // Scores of the block's tokens (summed per expert at the end); the group stage stages keys here.
   __shared__ float s_score[kGateTokenBlock][NPL * 32];
   __shared__ int s_cnt[NPL * 32];
@@ -80,77 +118,100 @@ gate_warp_kernel(GatingParams p, const In* __restrict__ logits, const float* __r
   const int64_t t_first = int64_t(blockIdx.x) * kGateTokenBlock;
   const int ntok = static_cast<int>(min(int64_t(kGateTokenBlock), p.num_tokens - t_first));
   const bool topk_softmax = p.score == ScoreFunc::kSoftmax && p.order == GateOrder::kTopkThenSoftmax;
+  const bool slot_groups = p.num_groups == NPL && E == 32 * NPL;
+  const bool staged_groups = p.num_groups > 1 && !slot_groups;
   for (int e = threadIdx.x; e < E; e += blockDim.x) s_cnt[e] = 0;
   __syncthreads();
 
   for (int tt = warp * kTokensPerWarp; tt < (warp + 1) * kTokensPerWarp && tt < ntok; ++tt) {
     const int64_t t = t_first + tt;
     float* row = s_score[tt];
-    float lg[NPL], sc[NPL], key[NPL];
-    unsigned ineligible = 0;  // bit i: expert lane + 32 i is padding, taken, or in a dropped group
+    float lg[NPL], sc[NPL];
+    // rank_bits(key) + 1 while expert lane + 32 i can still be chosen; 0 once it is padding, taken,
+    // or in a dropped group. NaN keys get 1: they still rank after every number, before nothing.
+    unsigned cand[NPL];
 #pragma unroll
     for (int i = 0; i < NPL; ++i) {
       const int e = lane + 32 * i;
       lg[i] = e < E ? to_float(logits[t * E + e]) : 0.f;
-      if (e >= E) ineligible |= 1u << i;
     }
     float m, sum;
-    warp_row_stats(lg, lane, E, &m, &sum);
+    warp_row_stats(lg, lane, E, &m, &sum, &sc);  // sc holds exp(l - m) until scored below
     // The vote only where row_logsumexp reads it, an infinite max (warp-uniform): an unconditional
     // vote made ptxas spill registers in the NPL = 16 fp32 kernel on sm_90a.
     const bool any_nan = (m == INFINITY || m == -INFINITY) && warp_any_nan(lg);
     if (lane == 0) lse[t] = row_logsumexp(m, sum, any_nan);
     const float inv_sum = 1.f / sum;
+    // score_of: softmax takes exp(l - m) from the row stats; sigmoid_ is taken in two passes
+    if (p.score == ScoreFunc::kSigmoid) {
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) sc[i] = sigmoid_denominator(lg[i]);
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) sc[i] = 1.f / sc[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) sc[i] *= inv_sum;
+    }
 #pragma unroll
     for (int i = 0; i < NPL; ++i) {
       const int e = lane + 32 * i;
-      sc[i] = score_of(p.score, lg[i], m, inv_sum);
-      key[i] = selection_key(p, lg[i], sc[i], (bias != nullptr && e < E) ? bias[e] : 0.f);
+      const float key = selection_key(p, lg[i], sc[i], (bias != nullptr && e < E) ? bias[e] : 0.f);
+      cand[i] = e < E ? rank_bits(key) + 1u : 0u;
+      if (staged_groups && e < E) row[e] = key;
     }
 
     if (p.num_groups > 1) {
-#pragma unroll
-      for (int i = 0; i < NPL; ++i)
-        if (lane + 32 * i < E) row[lane + 32 * i] = key[i];
-      __syncwarp();
-      const uint64_t kept = warp_select_groups(p, row, lane);
-      __syncwarp();  // the row is overwritten with scores below
+      uint64_t kept;
+      if (slot_groups) {
+        kept = warp_select_slot_groups(p, cand, lane);
+      } else {
+        __syncwarp();
+        kept = warp_select_groups(p, row, lane);
+        __syncwarp();  // the row is overwritten with scores below
+      }
       const int gsize = E / p.num_groups;
 #pragma unroll
       for (int i = 0; i < NPL; ++i) {
         const int e = lane + 32 * i;
-        if (e < E && !(kept >> (e / gsize) & 1)) ineligible |= 1u << i;
+        if (e < E && !(kept >> (e / gsize) & 1)) cand[i] = 0;
       }
     }
 
-    // k rounds of argmax; chosen slot j is kept by lane j. The running sum/max visit the slots in
-    // order j = 0..k-1, as gate_token does.
-    float my_l = 0.f, my_s = 0.f;
+    // k rounds: the largest candidate rank over the warp, then the lowest id holding it (lowest
+    // slot on a lane, then lowest lane: id = lane + 32 slot), which is ranks_before's winner. Two
+    // integer reductions a round; lane j keeps chosen slot j's id.
     int my_id = 0;
+    for (int j = 0; j < k; ++j) {
+      unsigned best = 0;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) best = max(best, cand[i]);
+      const unsigned top = warp_umax(best);
+      unsigned pos = ~0u;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) pos = min(pos, cand[i] == top ? unsigned(lane + 32 * i) : ~0u);
+      const int id = static_cast<int>(warp_umin(pos));
+      if (lane == j) my_id = id;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i)
+        if (id == lane + 32 * i) cand[i] = 0;
+    }
+    // Slot j's logit and score from the lane that holds its expert; then the chosen max and sum
+    // visit the slots in order j = 0..k-1, as gate_token does.
+    float my_l = 0.f, my_s = 0.f;
+    const int src = my_id & 31, src_slot = my_id >> 5;
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) {
+      const float l = __shfl_sync(kFullMask, lg[i], src);
+      const float s = __shfl_sync(kFullMask, sc[i], src);
+      if (i == src_slot) { my_l = l; my_s = s; }
+    }
     float chosen_max = -INFINITY, chosen_sum = 0.f;
     for (int j = 0; j < k; ++j) {
-      float bk = NAN, bl = 0.f, bs = 0.f;
-      int bi = INT_MAX;
-#pragma unroll
-      for (int i = 0; i < NPL; ++i) {
-        if (!(ineligible >> i & 1) && ranks_before(key[i], lane + 32 * i, bk, bi)) {
-          bk = key[i]; bi = lane + 32 * i; bl = lg[i]; bs = sc[i];
-        }
-      }
-      warp_best(bk, bi);
-      const int owner = bi & 31;  // the winner is the owner lane's own best
-      const float wl = __shfl_sync(kFullMask, bl, owner);
-      const float ws = __shfl_sync(kFullMask, bs, owner);
-      if (lane == owner) ineligible |= 1u << (bi >> 5);
-      if (lane == j) { my_id = bi; my_l = wl; my_s = ws; }
-      if (wl > chosen_max) chosen_max = wl;
-      chosen_sum += ws;
+      const float l = __shfl_sync(kFullMask, my_l, j);
+      if (l > chosen_max) chosen_max = l;
     }
-    if (topk_softmax) {
-      const float my_exp = moe_exp(my_l - chosen_max);
-      chosen_sum = 0.f;
-      for (int j = 0; j < k; ++j) chosen_sum += __shfl_sync(kFullMask, my_exp, j);
-    }
+    const float my_term = topk_softmax ? moe_exp(my_l - chosen_max) : my_s;
+    for (int j = 0; j < k; ++j) chosen_sum += __shfl_sync(kFullMask, my_term, j);
     if (lane < k) {
       weights[t * k + lane] = slot_weight(p, my_l, my_s, chosen_max, chosen_sum);
       ids[t * k + lane] = my_id;
@@ -167,8 +228,14 @@ gate_warp_kernel(GatingParams p, const In* __restrict__ logits, const float* __r
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     float s = 0.f;
     for (int tt = 0; tt < ntok; ++tt) s += s_score[tt][e];
-    psum[b * E + e] = s;
-    pcnt[b * E + e] = s_cnt[e];
+    if (gridDim.x == 1) {
+      // gate_finalize_kernel's arithmetic for one partial row: lane 0 of the tree holds 0 + s
+      score_sum[e] = lane_tree<1, float>(0, [&](int l) { return l == 0 ? 0.f + s : 0.f; });
+      tokens_per_expert[e] = s_cnt[e];
+    } else {
+      psum[b * E + e] = s;
+      pcnt[b * E + e] = s_cnt[e];
+    }
   }
 }
 
@@ -255,9 +322,10 @@ GateWorkspace carve(const GatingParams& p, size_t acc_size, bool generic, void* 
 
 template <int NPL, typename In>
 cudaError_t launch_warp(const GatingParams& p, const In* logits, const float* bias, float* weights, int* ids,
-                        float* lse, const GateWorkspace& w, cudaStream_t stream) {
+                        float* lse, const GateWorkspace& w, float* score_sum, int* tokens_per_expert,
+                        cudaStream_t stream) {
   gate_warp_kernel<NPL, In><<<blocks_for(p.num_tokens, kGateTokenBlock), kWarps * 32, 0, stream>>>(
-      p, logits, bias, weights, ids, lse, static_cast<float*>(w.psum), w.pcnt);
+      p, logits, bias, weights, ids, lse, static_cast<float*>(w.psum), w.pcnt, score_sum, tokens_per_expert);
   MOE_CUDA_LAUNCH_CHECK();
   return cudaSuccess;
 }
@@ -281,15 +349,18 @@ cudaError_t launch_topk_gating(const GatingParams& p, DType in, const void* logi
     const In* lp = static_cast<const In*>(logits);
     if constexpr (sizeof(Acc) == sizeof(float)) {
       if (!generic) {
-        const float* bp = static_cast<const float*>(bias);
-        float* wp = static_cast<float*>(weights);
-        float* lsep = static_cast<float*>(lse);
+        const auto launch = [&](auto npl) {
+          return launch_warp<decltype(npl)::value>(p, lp, static_cast<const float*>(bias), static_cast<float*>(weights),
+                                                   ids, static_cast<float*>(lse), w, static_cast<float*>(score_sum),
+                                                   tokens_per_expert, stream);
+        };
         cudaError_t err;
-        if (p.num_experts <= 64) err = launch_warp<2>(p, lp, bp, wp, ids, lsep, w, stream);
-        else if (p.num_experts <= 128) err = launch_warp<4>(p, lp, bp, wp, ids, lsep, w, stream);
-        else if (p.num_experts <= 256) err = launch_warp<8>(p, lp, bp, wp, ids, lsep, w, stream);
-        else err = launch_warp<16>(p, lp, bp, wp, ids, lsep, w, stream);
+        if (p.num_experts <= 64) err = launch(std::integral_constant<int, 2>{});
+        else if (p.num_experts <= 128) err = launch(std::integral_constant<int, 4>{});
+        else if (p.num_experts <= 256) err = launch(std::integral_constant<int, 8>{});
+        else err = launch(std::integral_constant<int, 16>{});
         if (err != cudaSuccess) return err;
+        if (num_token_blocks(p) == 1) return cudaSuccess;  // the one block wrote the sums
       }
     }
     if (generic) {
