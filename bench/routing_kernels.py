@@ -63,14 +63,16 @@ def gating_latency(tokens=GATING_TOKENS, experts=GATING_EXPERTS, dtype=torch.bfl
 
 
 def permute_bandwidth(shapes=PERMUTE_SHAPES, E: int = 64, dtype=torch.bfloat16) -> list[dict]:
-    """permute: bytes = rows read from x (one per slot) + x_sorted written + ids read + row_map written."""
+    """permute: bytes = x read once + x_sorted written + ids read + row_map written: the least traffic,
+    each token's row being needed once however many slots it has. (Runs 1 and 2 counted one read of x
+    per slot, as the gather kernel of that time did: bench/NOTES.md, entry 8.)"""
     rows = []
     for T, H, k in shapes:
         x = torch.randn(T, H, device="cuda", dtype=dtype)
         ids = _ids_balanced(T, k, E)
         us = time_graph(lambda: ops.permute(x, ids, E), reps=5, iters=20)
         S, elt = T * k, x.element_size()
-        nbytes = 2 * S * H * elt + S * 4 + S * 8
+        nbytes = (T + S) * H * elt + S * 4 + S * 8
         rows.append(dict(name="permute", shape=f"T={T} H={H} k={k} E={E} {str(dtype)[6:]}", median_us=us,
                          gbps=nbytes / us / 1e3))
     return rows

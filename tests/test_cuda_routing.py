@@ -350,7 +350,7 @@ def _assert_permute_equal(cpu, gpu):
 
 
 @pytest.mark.parametrize("E", [7, 8, 60, 144, 160, 256, 384, 512, 4000])
-@pytest.mark.parametrize("k", [1, 2, 3, 8])
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 40])  # k > 32: the scatter reads each token's rows from global memory
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
 def test_permute_matches_cpu(E, k, id_dtype):
     if k > E:
@@ -379,6 +379,18 @@ def test_permute_max_rows(max_rows):
     _assert_permute_equal(cpu, gpu)
     kept = int(gpu[1][-1])
     assert (gpu[0][kept:] == 0).all()
+
+
+@pytest.mark.parametrize("T,max_rows", [(1, -1), (3, -1), (3, 5000), (16, 7)])
+def test_permute_few_tokens_wide_rows(T, max_rows):
+    # decode: each token's row split over many warps; few tokens zeroing many padding rows, or most
+    # slots dropped by max_rows
+    k, H, E = 8, 7168, 64
+    x = torch.randn(T, H, generator=_gen(14)).to(torch.bfloat16)
+    ids = _ids(T, k, E, drop=0.2, seed=T)
+    cpu, gpu = _permute_both(x, ids, E, max_rows)
+    _assert_permute_equal(cpu, gpu)
+    assert (gpu[0][int(gpu[1][-1]):] == 0).all()
 
 
 def test_permute_all_one_expert_and_empty_experts():
@@ -442,7 +454,7 @@ def test_permute_int64_offsets():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H", [1, 7, 64, 1000])
 @pytest.mark.parametrize("weights", ["none", "fp32", "bf16"])
-@pytest.mark.parametrize("T", [77, 4099], ids=["sliced", "rows"])  # the two CUDA kernels (permute.cu)
+@pytest.mark.parametrize("T", [77, 4099], ids=["sliced", "rows"])  # the two CUDA kernels (unpermute.cu)
 def test_unpermute_matches_cpu(dtype, H, weights, T):
     k, E = 3, 16
     ids = _ids(T, k, E, drop=0.1)

@@ -41,7 +41,7 @@ cudaError_t launch_topk_gating_backward(const GatingParams& p, DType in, const v
 // Writes expert_offsets [E + 1] int64 (clamped to max_rows), row_map [slots] int64 (-1: dropped),
 // and x_sorted [max_rows, H] (rows past expert_offsets[E] zeroed) from x [T, H] (elem_size bytes
 // per element, any dtype). workspace: permute_workspace_bytes(...) bytes.
-size_t permute_workspace_bytes(int64_t slots, int64_t num_experts, int64_t max_rows);
+size_t permute_workspace_bytes(int64_t slots, int64_t num_experts);
 cudaError_t launch_permute(const void* x, size_t elem_size, int64_t T, int64_t H, const void* ids,
                            bool ids_int32, int64_t k, int64_t num_experts, int64_t max_rows,
                            void* x_sorted, int64_t* expert_offsets, int64_t* row_map, void* workspace,

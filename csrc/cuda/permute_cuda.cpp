@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& x_
     x_sorted.zero_();
     return {x_sorted, offsets, row_map};
   }
-  auto ws = cuda::workspace(cuda::permute_workspace_bytes(slots, num_experts, R), x);
+  auto ws = cuda::workspace(cuda::permute_workspace_bytes(slots, num_experts), x);
   C10_CUDA_CHECK(cuda::launch_permute(x.data_ptr(), x.element_size(), T, H, ids.data_ptr(),
                                       ids.scalar_type() == at::kInt, k, num_experts, R, x_sorted.data_ptr(),
                                       offsets.data_ptr<int64_t>(), row_map.data_ptr<int64_t>(), ws.data_ptr(),
