@@ -381,6 +381,19 @@ def test_permute_max_rows(max_rows):
     assert (gpu[0][kept:] == 0).all()
 
 
+# Up to 4096 slots (and E <= 3072) one block routes them all (permute.cu kBlockSlots); past it, four
+# kernels over many blocks. Both sides of the boundary, with drops and a max_rows cut.
+@pytest.mark.parametrize("T,k", [(4096, 1), (4097, 1), (512, 8), (513, 8)])
+@pytest.mark.parametrize("E", [7, 256, 3000])
+def test_permute_block_and_grid_routing(T, k, E):
+    if k > E:
+        pytest.skip("k > E")
+    x = torch.randn(T, 40, generator=_gen(15)).to(torch.float16)
+    ids = _ids(T, k, E, drop=0.1, seed=T + E)
+    _assert_permute_equal(*_permute_both(x, ids, E))
+    _assert_permute_equal(*_permute_both(x, ids, E, T * k // 3))
+
+
 @pytest.mark.parametrize("T,max_rows", [(1, -1), (3, -1), (3, 5000), (16, 7)])
 def test_permute_few_tokens_wide_rows(T, max_rows):
     # decode: each token's row split over many warps; few tokens zeroing many padding rows, or most

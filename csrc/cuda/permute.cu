@@ -1,6 +1,7 @@
 // CUDA kernels of permute, unpermute and unpermute_backward.
 //
-// permute is the CPU kernel's stable counting sort (route_slots), done without a host sync:
+// permute is the CPU kernel's stable counting sort (route_slots), done without a host sync (steps 1-3
+// in one block, permute_route_block_kernel, for up to kBlockSlots slots):
 //   1. count:  the S = T*k slots split into contiguous chunks, one per warp; each warp counts its
 //              chunk per expert (integer atomics: exact in any order) -> hist[chunk][e]
 //   2. scan:   per expert, an exclusive scan over chunks (-> base); then one block scans the expert
@@ -24,6 +25,9 @@ namespace {
 constexpr int kWarps = 4;                      // warps per block of the count and rank kernels
 constexpr int64_t kSmemExperts = 3072;         // kWarps * E ints of cursors <= 48 KB
 constexpr int64_t kHistCells = int64_t(4) << 20;  // bound on chunks * E (two int arrays of it)
+constexpr int64_t kBlockSlots = 4096;          // up to this many slots, one block routes them all
+constexpr int64_t kBlockSmemInts = 8192;       // its per-warp counts: warps * E <= this (32 KB)
+constexpr int kBlockWarps = 16;                // its most warps (at 32, sm_80 spilled a register)
 
 struct PermutePlan {
   int64_t chunk;    // slots per warp chunk, a multiple of 32
@@ -49,6 +53,36 @@ __device__ __forceinline__ int expert_of(const Index* ids, int64_t s, int64_t E)
   return valid_expert(e, E) ? static_cast<int>(e) : -1;
 }
 
+// Counts one warp's slots [begin, end) per expert into row[E] (integer atomics: exact in any order).
+template <typename Index>
+__device__ __forceinline__ void count_chunk(const Index* ids, int64_t begin, int64_t end, int64_t E, int* row,
+                                            int lane) {
+  for (int64_t s = begin + lane; s < end; s += 32) {
+    const int e = expert_of(ids, s, E);
+    if (e >= 0) atomicAdd(row + e, 1);
+  }
+}
+
+// One warp ranks slots [begin, end), 32 at a time in slot order: a routed slot's row is its expert's
+// cursor plus the popcount of its lower peers (lanes of the same expert), and the group's last lane
+// advances the cursor. So rows of one expert keep slot order. Writes row_map (-1: dropped).
+template <typename Index>
+__device__ __forceinline__ void rank_chunk(const Index* ids, int64_t begin, int64_t end, int64_t E,
+                                           int64_t max_rows, int* cursor, int64_t* row_map, int lane) {
+  const unsigned lower = (1u << lane) - 1;
+  for (int64_t tile = begin; tile < end; tile += 32) {
+    const int64_t s = tile + lane;
+    const int e = s < end ? expert_of(ids, s, E) : -1;
+    const unsigned peers = __match_any_sync(kFullMask, e);
+    int row = 0;
+    if (e >= 0) row = cursor[e] + __popc(peers & lower);
+    __syncwarp();  // every lane has read its cursor before the group's last lane advances it
+    if (e >= 0 && lane == 31 - __clz(peers)) cursor[e] = row + 1;
+    __syncwarp();
+    if (s < end) row_map[s] = e >= 0 ? clamp_row(row, max_rows) : -1;
+  }
+}
+
 template <typename Index>
 __global__ void __launch_bounds__(kWarps * 32)
 permute_count_kernel(const Index* __restrict__ ids, int64_t slots, int64_t E, PermutePlan pl, int* __restrict__ hist) {
@@ -59,11 +93,7 @@ permute_count_kernel(const Index* __restrict__ ids, int64_t slots, int64_t E, Pe
   int* row = pl.smem ? s_rows + warp * E : hist + c * E;
   for (int64_t e = lane; e < E; e += 32) row[e] = 0;
   __syncwarp();
-  const int64_t end = min(slots, (c + 1) * pl.chunk);
-  for (int64_t s = c * pl.chunk + lane; s < end; s += 32) {
-    const int e = expert_of(ids, s, E);
-    if (e >= 0) atomicAdd(row + e, 1);
-  }
+  count_chunk(ids, c * pl.chunk, min(slots, (c + 1) * pl.chunk), E, row, lane);
   __syncwarp();
   if (pl.smem)
     for (int64_t e = lane; e < E; e += 32) hist[c * E + e] = row[e];
@@ -143,9 +173,8 @@ permute_scan_experts_kernel(int64_t E, int64_t max_rows, const int* __restrict__
 
 template <typename Index>
 __global__ void __launch_bounds__(kWarps * 32)
-permute_rank_kernel(const Index* __restrict__ ids, int64_t slots, int64_t k, int64_t E, int64_t max_rows,
-                    PermutePlan pl, int* base, const int* __restrict__ starts,
-                    int64_t* __restrict__ row_map) {
+permute_rank_kernel(const Index* __restrict__ ids, int64_t slots, int64_t E, int64_t max_rows, PermutePlan pl,
+                    int* base, const int* __restrict__ starts, int64_t* __restrict__ row_map) {
   extern __shared__ int s_rows[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t c = int64_t(blockIdx.x) * kWarps + warp;
@@ -154,19 +183,61 @@ permute_rank_kernel(const Index* __restrict__ ids, int64_t slots, int64_t k, int
   int* cursor = pl.smem ? s_rows + warp * E : base + c * E;
   for (int64_t e = lane; e < E; e += 32) cursor[e] = base[c * E + e] + starts[e];
   __syncwarp();
-  const unsigned lower = (1u << lane) - 1;
-  const int64_t begin = c * pl.chunk, end = min(slots, (c + 1) * pl.chunk);
-  for (int64_t tile = begin; tile < end; tile += 32) {
-    const int64_t s = tile + lane;
-    const int e = s < end ? expert_of(ids, s, E) : -1;
-    const unsigned peers = __match_any_sync(kFullMask, e);
-    int row = 0;
-    if (e >= 0) row = cursor[e] + __popc(peers & lower);
-    __syncwarp();  // every lane has read its cursor before the group's last lane advances it
-    if (e >= 0 && lane == 31 - __clz(peers)) cursor[e] = row + 1;
-    __syncwarp();
-    if (s < end) row_map[s] = e >= 0 ? clamp_row(row, max_rows) : -1;
+  rank_chunk(ids, c * pl.chunk, min(slots, (c + 1) * pl.chunk), E, max_rows, cursor, row_map, lane);
+}
+
+// Small problems (slots <= kBlockSlots, E <= kSmemExperts; decode): count, both scans and rank in
+// one block, one launch instead of four. Warp w takes slots [w chunk, (w + 1) chunk); its counts
+// hist[w][e] (shared memory) become its base, then its cursor. Rows come out as in the four-kernel
+// path: any split into chunks ranks slots in the same global order.
+template <typename Index>
+__global__ void __launch_bounds__(kBlockWarps * 32)
+permute_route_block_kernel(const Index* __restrict__ ids, int64_t slots, int64_t E, int64_t max_rows,
+                           int64_t chunk, int64_t* __restrict__ offsets, int64_t* __restrict__ row_map) {
+  extern __shared__ int s_mem[];
+  const int W = blockDim.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int* hist = s_mem;           // [W][E]
+  int* start = s_mem + W * E;  // [E]: each expert's total, then its first row
+  for (int64_t i = threadIdx.x; i < W * E; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+  const int64_t begin = min(slots, warp * chunk), end = min(slots, begin + chunk);
+  count_chunk(ids, begin, end, E, hist + warp * E, lane);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {  // exclusive scan over the warps
+    int run = 0;
+    for (int w = 0; w < W; ++w) {
+      const int v = hist[w * E + e];
+      hist[w * E + e] = run;
+      run += v;
+    }
+    start[e] = run;
   }
+  __syncthreads();
+  if (warp == 0) {  // exclusive scan of the totals over the experts, lane l taking a contiguous range
+    const int64_t per = (E + 31) / 32, e0 = min(E, lane * per), e1 = min(E, e0 + per);
+    int sum = 0;
+    for (int64_t e = e0; e < e1; ++e) sum += start[e];
+    int incl = sum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int o = __shfl_up_sync(kFullMask, incl, off);
+      if (lane >= off) incl += o;
+    }
+    int run = incl - sum;
+    for (int64_t e = e0; e < e1; ++e) {
+      const int v = start[e];
+      start[e] = run;
+      offsets[e] = run < max_rows ? run : max_rows;
+      run += v;
+    }
+    if (lane == 31) offsets[E] = incl < max_rows ? incl : max_rows;  // lane 31's prefix: every slot
+  }
+  __syncthreads();
+  int* cursor = hist + warp * E;
+  for (int64_t e = lane; e < E; e += 32) cursor[e] += start[e];
+  __syncwarp();
+  rank_chunk(ids, begin, end, E, max_rows, cursor, row_map, lane);
 }
 
 // One warp per (token, slice of its row): the slice is read once and written to each of the
@@ -227,38 +298,42 @@ cudaError_t launch_permute(const void* x, size_t elem_size, int64_t T, int64_t H
                            void* x_sorted, int64_t* expert_offsets, int64_t* row_map, void* workspace,
                            cudaStream_t stream) {
   const int64_t slots = T * k, E = num_experts, R = max_rows;
-  const PermutePlan pl = plan(slots, E);
-  char* ws = static_cast<char*>(workspace);
-  int* hist = reinterpret_cast<int*>(ws);
-  ws += align_up(sizeof(int) * pl.nchunks * E);
-  int* base = reinterpret_cast<int*>(ws);
-  ws += align_up(sizeof(int) * pl.nchunks * E);
-  int* totals = reinterpret_cast<int*>(ws);
-  ws += align_up(sizeof(int) * E);
-  int* starts = reinterpret_cast<int*>(ws);
-
-  const unsigned chunk_blocks = blocks_for(pl.nchunks, kWarps);
-  const size_t smem = pl.smem ? sizeof(int) * kWarps * E : 0;
-  if (ids_int32) {
-    permute_count_kernel<int32_t><<<chunk_blocks, kWarps * 32, smem, stream>>>(
-        static_cast<const int32_t*>(ids), slots, E, pl, hist);
-  } else {
-    permute_count_kernel<int64_t><<<chunk_blocks, kWarps * 32, smem, stream>>>(
-        static_cast<const int64_t*>(ids), slots, E, pl, hist);
-  }
-  MOE_CUDA_LAUNCH_CHECK();
-  permute_scan_chunks_kernel<<<blocks_for(E, 32), dim3(32, 32), 0, stream>>>(E, pl.nchunks, hist, base, totals);
-  MOE_CUDA_LAUNCH_CHECK();
-  permute_scan_experts_kernel<<<1, 1024, 0, stream>>>(E, R, totals, starts, expert_offsets);
-  MOE_CUDA_LAUNCH_CHECK();
-  if (ids_int32) {
-    permute_rank_kernel<int32_t><<<chunk_blocks, kWarps * 32, smem, stream>>>(
-        static_cast<const int32_t*>(ids), slots, k, E, R, pl, base, starts, row_map);
-  } else {
-    permute_rank_kernel<int64_t><<<chunk_blocks, kWarps * 32, smem, stream>>>(
-        static_cast<const int64_t*>(ids), slots, k, E, R, pl, base, starts, row_map);
-  }
-  MOE_CUDA_LAUNCH_CHECK();
+  const auto route = [&](auto tag) -> cudaError_t {
+    using Index = typename decltype(tag)::type;
+    const Index* idp = static_cast<const Index*>(ids);
+    if (slots <= kBlockSlots && E <= kSmemExperts) {
+      const int64_t warps = std::min<int64_t>({kBlockSmemInts / E, kBlockWarps, (slots + 31) / 32});
+      const int64_t chunk = ((slots + warps - 1) / warps + 31) / 32 * 32;
+      const size_t smem = sizeof(int) * (warps + 1) * E;
+      permute_route_block_kernel<Index><<<1, static_cast<unsigned>(warps * 32), smem, stream>>>(
+          idp, slots, E, R, chunk, expert_offsets, row_map);
+      MOE_CUDA_LAUNCH_CHECK();
+      return cudaSuccess;
+    }
+    const PermutePlan pl = plan(slots, E);
+    char* ws = static_cast<char*>(workspace);
+    int* hist = reinterpret_cast<int*>(ws);
+    ws += align_up(sizeof(int) * pl.nchunks * E);
+    int* base = reinterpret_cast<int*>(ws);
+    ws += align_up(sizeof(int) * pl.nchunks * E);
+    int* totals = reinterpret_cast<int*>(ws);
+    ws += align_up(sizeof(int) * E);
+    int* starts = reinterpret_cast<int*>(ws);
+    const unsigned chunk_blocks = blocks_for(pl.nchunks, kWarps);
+    const size_t smem = pl.smem ? sizeof(int) * kWarps * E : 0;
+    permute_count_kernel<Index><<<chunk_blocks, kWarps * 32, smem, stream>>>(idp, slots, E, pl, hist);
+    MOE_CUDA_LAUNCH_CHECK();
+    permute_scan_chunks_kernel<<<blocks_for(E, 32), dim3(32, 32), 0, stream>>>(E, pl.nchunks, hist, base, totals);
+    MOE_CUDA_LAUNCH_CHECK();
+    permute_scan_experts_kernel<<<1, 1024, 0, stream>>>(E, R, totals, starts, expert_offsets);
+    MOE_CUDA_LAUNCH_CHECK();
+    permute_rank_kernel<Index><<<chunk_blocks, kWarps * 32, smem, stream>>>(idp, slots, E, R, pl, base, starts,
+                                                                            row_map);
+    MOE_CUDA_LAUNCH_CHECK();
+    return cudaSuccess;
+  };
+  const cudaError_t err = ids_int32 ? route(TypeTag<int32_t>{}) : route(TypeTag<int64_t>{});
+  if (err != cudaSuccess) return err;
   const int64_t row_bytes = H * static_cast<int64_t>(elem_size);
   if (R == 0 || row_bytes == 0) return cudaSuccess;
   // The widest access that divides the row and both base addresses.
