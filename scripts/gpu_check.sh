@@ -162,12 +162,13 @@ sanitize() {  # sanitize TOOL: the smoke script plus the small CUDA tests that e
     echo "SANITIZE-DONE tool=$tool rc=$rc"
     return $rc
 }
-# Small, edge-case tests of every CUDA op (the sanitizer slows kernels by 10-100x): 45 tests. Only the
+# Small, edge-case tests of every CUDA op (the sanitizer slows kernels by 10-100x): 53 tests. Only the
 # smallest of the grouped GEMM's most_empty shapes (fp32 / fp16 / bf16, so CUTLASS and the simple kernel),
 # and the smallest shape of each sm_90a tile in each form.
 SANITIZE_K=${SANITIZE_K:-"(empty and not most_empty and not large) or edge or ties or no_rows or unreferenced \
 or (most_empty and 256x4 and not sm90_tile) or (misaligned and silu and (36 or 37)) or (reroute_cuda and (37-7-3 or 70-13000)) \
-or (tf32 and 300x6) or (sm90_tile and 256x4 and uniform and bf16)"}
+or (tf32 and 300x6) or (sm90_tile and 256x4 and uniform and bf16) or few_tokens_wide_rows \
+or (block_and_grid_routing and 256)"}
 export -f sanitize
 export PY SANITIZE_K
 if command -v compute-sanitizer >/dev/null; then
