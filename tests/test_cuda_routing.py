@@ -530,12 +530,18 @@ def test_no_host_sync():
         ops.unpermute_backward(x, xs, rm, w)
         ops.topk_gating(logits.double(), k)
         ops.topk_gating(torch.randn(8, 1000, device=DEV), k)
+        _router_path(logits[:10], x[:10], k, E)  # one token block: the gating kernel writes the sums
+        xb = torch.randn(2100, H, device=DEV, dtype=torch.bfloat16)  # 8400 slots: permute's many-block path
+        _router_path(torch.randn(2100, E, device=DEV), xb, k, E)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_cuda_graph_capture():
-    T, E, k, H = 512, 64, 8, 256
+# T=10: one gating block, one permute routing block; T=600: several of each (4800 slots: permute's
+# many-block path)
+@pytest.mark.parametrize("T", [10, 600])
+def test_cuda_graph_capture(T):
+    E, k, H = 64, 8, 256
     logits = torch.randn(T, E, device=DEV)
     x = torch.randn(T, H, device=DEV, dtype=torch.bfloat16)
     s = torch.cuda.Stream()
