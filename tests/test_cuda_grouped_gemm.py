@@ -455,15 +455,20 @@ def gemm_tile_launched(fn):
     return 256 if name.endswith("_t256") else 128
 
 
+WIDE_MIN_ROWS = 256  # grouped_gemm_cuda.cpp kWideTileMinRowsPerExpert
+
+
 @needs_sm90
 def test_sm90_auto_tile_choice():
-    """auto: 128x256 when experts average >= 1024 rows and the problem has >= 2 such tiles per SM;
-    128x128 otherwise. Both choices give the same answer as the forced tiles."""
+    """auto: 128x256 when experts average >= WIDE_MIN_ROWS rows and the problem has >= 2 such tiles
+    per SM; 128x128 otherwise. Both choices give the same answer as the forced tiles."""
     gen = torch.Generator().manual_seed(61)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     E, K = 8, 256
-    N = 256 * math.ceil(2 * sms / (E * 9))   # >= 2 tiles per SM at 1100 rows (9 M tiles) per expert
-    cases = [(1100 * E, "wide"), (1000 * E, "narrow: < 1024 rows per expert")]
+    over, under = WIDE_MIN_ROWS + 44, WIDE_MIN_ROWS - 6
+    m_tiles = math.ceil(over / 128)
+    N = 256 * math.ceil(2 * sms / (E * m_tiles))   # >= 2 wide tiles per SM at `over` rows per expert
+    cases = [(over * E, "wide"), (under * E, f"narrow: < {WIDE_MIN_ROWS} rows per expert")]
     for M, why in cases:
         offs = make_offsets(group_sizes("uniform", M, E, gen)).to(DEV)
         a = randn(M, K, dtype=torch.bfloat16, gen=gen)
@@ -475,7 +480,7 @@ def test_sm90_auto_tile_choice():
         with sm90_tile(f"128x{tile}"):
             assert torch.equal(ops.grouped_gemm(a, b, offs), out)
     # many rows per expert but too few wide tiles to fill the GPU twice: the 128x128 tile
-    M, N = 1100 * 2, 256
+    M, N = over * 2, 256
     offs = make_offsets(group_sizes("uniform", M, 2, gen)).to(DEV)
     a = randn(M, K, dtype=torch.bfloat16, gen=gen)
     b = randn(2, K, N, dtype=torch.bfloat16, gen=gen, scale=K ** -0.5)
@@ -484,13 +489,13 @@ def test_sm90_auto_tile_choice():
     with sm90_tile("128x256"):  # forced, whatever the size
         assert gemm_tile_launched(lambda: ops.grouped_gemm(a, b, offs)) == 256
     # wgrad: the tiles cover out[e] [P, Q]; the rows per expert are its depth
-    M, P, Q = 1100 * E, 2048, 1024   # 8 x 16 x 4 = 512 wide tiles
+    M, P, Q = over * E, 2048, 1024   # 8 x 16 x 4 = 512 wide tiles
     offs = make_offsets(group_sizes("uniform", M, E, gen)).to(DEV)
     x = randn(M, P, dtype=torch.bfloat16, gen=gen)
     y = randn(M, Q, dtype=torch.bfloat16, gen=gen)
     with sm90_tile("auto"):
         assert gemm_tile_launched(lambda: ops.grouped_gemm_wgrad(x, y, offs)) == 256
-        n = 1000 * E  # 1000 rows per expert on average
+        n = under * E  # fewer than WIDE_MIN_ROWS rows per expert on average
         assert gemm_tile_launched(lambda: ops.grouped_gemm_wgrad(x[:n], y[:n], offs.clamp(max=n))) == 128
 
 

@@ -75,10 +75,12 @@ std::string compiled_archs() {
 // The sm_90a tile for one call. The 128x256 tile feeds wgmma 1.5x the FLOPs per byte of shared memory
 // filled, but a problem has half as many of its tiles, and its 2x1 cluster rounds each expert's M
 // tiles up to an even count: it pays off only when experts average many rows. The host knows only
-// the mean rows per expert without a sync (rows / E). The wide tile is used when that mean is >= 1024
+// the mean rows per expert without a sync (rows / E). The wide tile is used when that mean is >= 256
 // (a forward's M, a wgrad's depth) and the problem still has at least two wide tiles per SM, so that
-// no SM idles at the tail. bench/NOTES.md logs what each tile measured.
-constexpr int64_t kWideTileMinRowsPerExpert = 1024;
+// no SM idles at the tail. 256, not the 1024 of commit 951fc6a: torch's grouped_mm takes 128x256
+// whenever experts average over 128 rows, and at Qwen3's 256 the forced wide tile was 2-6% faster in
+// run 2 (bench/NOTES.md logs what each tile measured, entry 9 this change).
+constexpr int64_t kWideTileMinRowsPerExpert = 256;
 
 bool choose_wide_tile(const GroupedGemmArgs& g) {
   switch (sm90_gemm_tile()) {
