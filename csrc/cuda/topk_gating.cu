@@ -128,7 +128,7 @@ gate_warp_kernel(GatingParams p, const In* __restrict__ logits, const float* __r
     float* row = s_score[tt];
     float lg[NPL], sc[NPL];
     // rank_bits(key) + 1 while expert lane + 32 i can still be chosen; 0 once it is padding, taken,
-    // or in a dropped group. NaN keys get 1: they still rank after every number, before nothing.
+    // or in a dropped group. A NaN key gets 1: after every number, but still a candidate.
     unsigned cand[NPL];
 #pragma unroll
     for (int i = 0; i < NPL; ++i) {
