@@ -138,6 +138,22 @@ __device__ __forceinline__ bool warp_any_nan(const float (&lg)[NPL]) {
   return __any_sync(kFullMask, nan);
 }
 
+// routing.h score_of for the lane's experts, sc holding warp_row_stats' exp(l - max) on entry. Softmax
+// multiplies them by 1/sum, as score_of does; sigmoid_ goes in two passes, every exp before any
+// division, because each division branches to a slow path and would keep the exps from overlapping.
+template <int NPL>
+__device__ __forceinline__ void warp_scores(ScoreFunc f, const float (&lg)[NPL], float inv_sum, float (&sc)[NPL]) {
+  if (f == ScoreFunc::kSigmoid) {
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) sc[i] = sigmoid_denominator(lg[i]);
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) sc[i] = 1.f / sc[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) sc[i] *= inv_sum;
+  }
+}
+
 inline unsigned blocks_for(int64_t n, int64_t per_block) {
   return static_cast<unsigned>((n + per_block - 1) / per_block);
 }

@@ -141,17 +141,7 @@ gate_warp_kernel(GatingParams p, const In* __restrict__ logits, const float* __r
     // vote made ptxas spill registers in the NPL = 16 fp32 kernel on sm_90a.
     const bool any_nan = (m == INFINITY || m == -INFINITY) && warp_any_nan(lg);
     if (lane == 0) lse[t] = row_logsumexp(m, sum, any_nan);
-    const float inv_sum = 1.f / sum;
-    // score_of: softmax takes exp(l - m) from the row stats; sigmoid_ is taken in two passes
-    if (p.score == ScoreFunc::kSigmoid) {
-#pragma unroll
-      for (int i = 0; i < NPL; ++i) sc[i] = sigmoid_denominator(lg[i]);
-#pragma unroll
-      for (int i = 0; i < NPL; ++i) sc[i] = 1.f / sc[i];
-    } else {
-#pragma unroll
-      for (int i = 0; i < NPL; ++i) sc[i] *= inv_sum;
-    }
+    warp_scores(p.score, lg, 1.f / sum, sc);
 #pragma unroll
     for (int i = 0; i < NPL; ++i) {
       const int e = lane + 32 * i;

@@ -39,13 +39,12 @@ gate_backward_warp_kernel(GatingParams p, const In* __restrict__ logits, const i
 #pragma unroll
   for (int i = 0; i < NPL; ++i) lg[i] = lane + 32 * i < E ? to_float(lrow[lane + 32 * i]) : 0.f;
   float m, sum;
-  warp_row_stats(lg, lane, E, &m, &sum);
+  float sc[NPL];  // exp(l - m), then the scores
+  warp_row_stats(lg, lane, E, &m, &sum, &sc);
   const float inv_sum = 1.f / sum;
   // Scores first: a sigmoid divides, and float division may call a slow-path subroutine; keeping the
   // calls before d[] is live avoids register spills around them.
-  float sc[NPL];
-#pragma unroll
-  for (int i = 0; i < NPL; ++i) sc[i] = score_of(p.score, lg[i], m, inv_sum);
+  warp_scores(p.score, lg, inv_sum, sc);
 
   int my_id = -1;
   float my_gw = 0.f, my_l = 0.f;
