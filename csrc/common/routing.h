@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "exp_core.h"
 #include "macros.h"
@@ -43,6 +44,15 @@ struct GatingParams {
 // and keeps a token whose chosen sigmoid scores all underflow to 0 from dividing 0/0.
 constexpr double kRenormEps = 1e-20;
 
+// std::bit_cast for host and device (a memcpy of a register-sized value compiles to a move).
+template <typename To, typename From>
+MOE_HD To bit_cast_(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast_ between types of one size");
+  To y;
+  __builtin_memcpy(&y, &x, sizeof y);
+  return y;
+}
+
 // The total order used to rank experts: larger key first, NaN after every number, and among equal
 // keys the lower expert id first. Every selection on both back ends goes through this one predicate,
 // so ties and NaN logits resolve identically on CPU and GPU, and an id is always in range.
@@ -51,30 +61,11 @@ constexpr double kRenormEps = 1e-20;
 // bits are larger, or equal with the lower id), so that a CUDA warp can rank by integer max/min
 // reductions (redux.sync). NaN gets 0, after every number (-inf included); -0 gets the bits of +0,
 // since the two compare equal. rank_value inverts it (NaN for 0, +0 for either zero).
-MOE_HD uint32_t bits_of(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t b;
-  __builtin_memcpy(&b, &x, sizeof b);
-  return b;
-#endif
-}
-MOE_HD uint64_t bits_of(double x) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(x));
-#else
-  uint64_t b;
-  __builtin_memcpy(&b, &x, sizeof b);
-  return b;
-#endif
-}
-
 template <typename T>
 MOE_HD auto rank_bits(T x) {
-  using U = decltype(bits_of(x));
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   constexpr U kSign = U(1) << (8 * sizeof(U) - 1);
-  U b = bits_of(x);
+  U b = bit_cast_<U>(x);
   if (x != x) return U(0);
   if ((b & ~kSign) == 0) b = 0;  // -0 ranks as +0
   return (b & kSign) ? U(~b) : U(b | kSign);
@@ -82,14 +73,7 @@ MOE_HD auto rank_bits(T x) {
 
 MOE_HD float rank_value(uint32_t r) {
   if (r == 0) return NAN;
-  const uint32_t b = (r >> 31) ? (r & 0x7fffffffu) : ~r;
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float f;
-  __builtin_memcpy(&f, &b, sizeof f);
-  return f;
-#endif
+  return bit_cast_<float>((r >> 31) ? (r & 0x7fffffffu) : ~r);
 }
 
 template <typename T>
@@ -106,14 +90,7 @@ MOE_HD bool ranks_before(T a, int ia, T b, int ib) {
 // polynomial, about 1 ulp). This only holds without a*b+c contraction: the build compiles host code
 // with -ffp-contract=off and the routing .cu files with --fmad=false (CMakeLists.txt).
 MOE_HD float moe_pow2i(int n) {  // 2^n for n in [-126, 127]
-  const int bits = (n + 127) << 23;
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(bits);
-#else
-  float f;
-  __builtin_memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
+  return bit_cast_<float>(static_cast<uint32_t>(n + 127) << 23);
 }
 
 // exp for x in [kExpLo, kExpHi] (below: 0, above: +inf).
