@@ -134,11 +134,13 @@ if $WANT_CUTLASS and not info['cutlass']:
 # Four pytest workers share the GPU when pytest-xdist is there (the device image has it): the CPU-side
 # references are most of the tests' time. With workers, pytest-timeout may end a hung test by ending
 # its worker, which xdist reports as that test's failure and replaces, so one hang costs one test.
-PAR=()
-if $PY -c "import xdist" 2>/dev/null; then
-    PAR=(-n 4)
-    $PY -c "import pytest_timeout" 2>/dev/null && PAR+=(--timeout 90 --timeout-method thread)
-fi
+XDIST=0; TIMEOUT=()
+if $PY -c "import xdist" 2>/dev/null; then XDIST=1; fi
+if [ $XDIST = 1 ] && $PY -c "import pytest_timeout" 2>/dev/null; then TIMEOUT=(--timeout 90 --timeout-method thread); fi
+par() {  # par N: pytest arguments for N workers (none without xdist)
+    if [ $XDIST = 1 ]; then echo "-n $1 ${TIMEOUT[*]}"; fi
+}
+read -ra PAR <<< "$(par 4)"
 step tests_cuda 170 $(( BENCH_RESERVE + FINAL_RESERVE )) $PY -m pytest -m cuda tests -q -rs -p no:cacheprovider \
     "${PAR[@]}" --junitxml="$OUT/junit.xml"
 
@@ -206,8 +208,7 @@ fi
 # The CPU tests on the device machine's Python and torch (the CUDA ones ran above). No GPU to share
 # here: eight workers of two OpenMP threads each use the 16 cores (run 2's four workers, each with
 # threads for every core, did not finish in the step's 120 s).
-CPU_PAR=("${PAR[@]}")
-[ "${CPU_PAR[0]:-}" = "-n" ] && CPU_PAR[1]=8
+read -ra CPU_PAR <<< "$(par 8)"
 OPTIONAL=1 MIN_S=40 step tests_cpu 120 "$FINAL_RESERVE" env OMP_NUM_THREADS=2 $PY -m pytest -m "not cuda" tests -q -rs \
     -p no:cacheprovider "${CPU_PAR[@]}" --junitxml="$OUT/junit_all.xml"
 

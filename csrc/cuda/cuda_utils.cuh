@@ -92,7 +92,7 @@ __device__ __forceinline__ unsigned warp_umin(unsigned v) {
 // as +0, whichever zero the lanes held: row_softmax_stats may keep -0 there, and x - (-0) and
 // x - (+0) differ only for x = -0 (then exp gives 1 either way), so no result changes.
 __device__ __forceinline__ float warp_max(float v) {
-  return rank_value(warp_umax(v != v ? 0u : rank_bits(v)));
+  return rank_value(warp_umax(rank_bits(v)));
 }
 
 // The id of the warp's best (key, id) under routing.h's ranks_before, on every lane: the largest

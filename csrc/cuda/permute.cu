@@ -4,7 +4,7 @@
 // in one block, permute_route_block_kernel, for up to kBlockSlots slots):
 //   1. count:  the S = T*k slots split into contiguous chunks, one per warp; each warp counts its
 //              chunk per expert (integer atomics: exact in any order) -> hist[chunk][e]
-//   2. scan:   per expert, an exclusive scan over chunks (-> base); then one block scans the expert
+//   2. scan:   per expert, an exclusive scan over chunks (-> base); then one warp scans the expert
 //              totals into the expert starts and writes expert_offsets (clamped to max_rows)
 //   3. rank:   each warp walks its chunk 32 slots at a time, in slot order; __match_any_sync groups
 //              the lanes of one expert and a lane's rank among them is the popcount of its lower
@@ -133,42 +133,34 @@ permute_scan_chunks_kernel(int64_t E, int64_t nchunks, const int* __restrict__ c
   }
 }
 
-// One block: expert starts = exclusive scan of the totals; expert_offsets clamped to max_rows.
-__global__ void __launch_bounds__(1024)
+// One warp: expert starts = exclusive scan of the per-expert totals (lane l takes a contiguous range
+// of experts: its sum, a warp scan of the 32 sums, then the range's prefixes), and expert_offsets
+// clamped to max_rows. totals and starts may be the same array.
+__device__ __forceinline__ void warp_scan_expert_starts(const int* totals, int* starts, int64_t* offsets, int64_t E,
+                                                        int64_t max_rows, int lane) {
+  const int64_t per = (E + 31) / 32, e0 = min(E, lane * per), e1 = min(E, e0 + per);
+  int sum = 0;
+  for (int64_t e = e0; e < e1; ++e) sum += totals[e];
+  int incl = sum;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int o = __shfl_up_sync(kFullMask, incl, off);
+    if (lane >= off) incl += o;
+  }
+  int run = incl - sum;
+  for (int64_t e = e0; e < e1; ++e) {
+    const int v = totals[e];
+    starts[e] = run;
+    offsets[e] = run < max_rows ? run : max_rows;
+    run += v;
+  }
+  if (lane == 31) offsets[E] = incl < max_rows ? incl : max_rows;  // lane 31's prefix: every slot
+}
+
+__global__ void __launch_bounds__(32)
 permute_scan_experts_kernel(int64_t E, int64_t max_rows, const int* __restrict__ totals,
                             int* __restrict__ starts, int64_t* __restrict__ offsets) {
-  __shared__ int s_warp[32];
-  __shared__ int s_carry;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  if (threadIdx.x == 0) s_carry = 0;
-  __syncthreads();
-  for (int64_t base = 0; base < E; base += blockDim.x) {
-    const int64_t e = base + threadIdx.x;
-    const int v = e < E ? totals[e] : 0;
-    int incl = v;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int o = __shfl_up_sync(kFullMask, incl, off);
-      if (lane >= off) incl += o;
-    }
-    if (lane == 31) s_warp[warp] = incl;
-    __syncthreads();
-    int before = s_carry;
-    for (int w = 0; w < warp; ++w) before += s_warp[w];
-    const int excl = before + incl - v;
-    if (e < E) {
-      starts[e] = excl;
-      offsets[e] = excl < max_rows ? excl : max_rows;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int total = s_carry;
-      for (int w = 0; w < nwarps; ++w) total += s_warp[w];
-      s_carry = total;
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) offsets[E] = s_carry < max_rows ? s_carry : max_rows;
+  warp_scan_expert_starts(totals, starts, offsets, E, max_rows, threadIdx.x);
 }
 
 template <typename Index>
@@ -214,25 +206,7 @@ permute_route_block_kernel(const Index* __restrict__ ids, int64_t slots, int64_t
     start[e] = run;
   }
   __syncthreads();
-  if (warp == 0) {  // exclusive scan of the totals over the experts, lane l taking a contiguous range
-    const int64_t per = (E + 31) / 32, e0 = min(E, lane * per), e1 = min(E, e0 + per);
-    int sum = 0;
-    for (int64_t e = e0; e < e1; ++e) sum += start[e];
-    int incl = sum;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int o = __shfl_up_sync(kFullMask, incl, off);
-      if (lane >= off) incl += o;
-    }
-    int run = incl - sum;
-    for (int64_t e = e0; e < e1; ++e) {
-      const int v = start[e];
-      start[e] = run;
-      offsets[e] = run < max_rows ? run : max_rows;
-      run += v;
-    }
-    if (lane == 31) offsets[E] = incl < max_rows ? incl : max_rows;  // lane 31's prefix: every slot
-  }
+  if (warp == 0) warp_scan_expert_starts(start, start, offsets, E, max_rows, lane);
   __syncthreads();
   int* cursor = hist + warp * E;
   for (int64_t e = lane; e < E; e += 32) cursor[e] += start[e];
@@ -325,7 +299,7 @@ cudaError_t launch_permute(const void* x, size_t elem_size, int64_t T, int64_t H
     MOE_CUDA_LAUNCH_CHECK();
     permute_scan_chunks_kernel<<<blocks_for(E, 32), dim3(32, 32), 0, stream>>>(E, pl.nchunks, hist, base, totals);
     MOE_CUDA_LAUNCH_CHECK();
-    permute_scan_experts_kernel<<<1, 1024, 0, stream>>>(E, R, totals, starts, expert_offsets);
+    permute_scan_experts_kernel<<<1, 32, 0, stream>>>(E, R, totals, starts, expert_offsets);
     MOE_CUDA_LAUNCH_CHECK();
     permute_rank_kernel<Index><<<chunk_blocks, kWarps * 32, smem, stream>>>(idp, slots, E, R, pl, base, starts,
                                                                             row_map);

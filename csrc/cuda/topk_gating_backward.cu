@@ -102,7 +102,8 @@ gate_backward_warp_kernel(GatingParams p, const In* __restrict__ logits, const i
   for (int i = 0; i < NPL; ++i) d[i] = score_backward(p.score, sc[i], d[i], dot);
   if (glse != 0.f) {  // warp-uniform
 #pragma unroll
-    for (int i = 0; i < NPL; ++i) d[i] += glse * (moe_exp(lg[i] - m) * inv_sum);
+    for (int i = 0; i < NPL; ++i)  // the softmax probability: softmax scoring's score already
+      d[i] += glse * (p.score == ScoreFunc::kSoftmax ? sc[i] : moe_exp(lg[i] - m) * inv_sum);
   }
   if (topk_softmax) add_chosen(d);
 #pragma unroll
