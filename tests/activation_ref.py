@@ -1,5 +1,5 @@
 """The float64 reference and the tolerance rules of the gated activation tests (test_activation.py on the
-CPU, test_cuda_activation.py on the GPU).
+CPU, test_cuda_activation.py on the GPU and under the CUDA emulation).
 
 h = [gate | up] is [M, 2F]; forward act(gate) * up -> [M, F]; backward d_gate = grad * up * act'(gate),
 d_up = grad * act(gate). The reference is torch's own activation in float64 (torch.autograd for the
@@ -100,3 +100,23 @@ def assert_close_ref(out, ref, dtype, scale=None, equal_nan=False):
     bad = err > allowed[keep]
     assert not bad.any(), (f"{int(bad.sum())} of {err.numel()} elements off: worst error {err.max().item():.3g}, "
                            f"worst error / allowed {(err / allowed[keep]).max().item():.3g}")
+
+
+def assert_matches_cpu(out_dev, out_cpu, dtype, ref, scale):
+    """The CUDA kernel's output (on any device: the GPU's, or the emulation's) and the CPU kernel's agree:
+    fp64 to libm's accuracy; fp32 within twice the reference bound of assert_close_ref (expf / erff and
+    nvcc's FMA contraction on the device, the polynomial exp / A-S erf on the host); 16-bit within that
+    plus one output ulp (both round an fp32 value once)."""
+    assert out_dev.dtype == out_cpu.dtype == dtype and out_dev.shape == out_cpu.shape
+    g, c = out_dev.cpu().double(), out_cpu.double()
+    assert torch.equal(g.isnan(), c.isnan())
+    if dtype == torch.float64:
+        torch.testing.assert_close(g, c, atol=1e-12, rtol=1e-10, equal_nan=True)
+        return
+    allowed = 2 * fp32_bound(ref, scale)
+    if dtype != torch.float32:
+        allowed = allowed + 2 * half_ulp(ref, dtype)
+    keep = ~c.isnan()
+    err = (g - c).abs()[keep]
+    bad = err > allowed[keep]
+    assert not bad.any(), f"{int(bad.sum())} of {err.numel()} elements differ, worst {err.max().item():.3g}"

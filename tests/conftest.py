@@ -39,6 +39,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+_NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def gpu_only(fn):
+    """Marks a test that needs a CUDA GPU (skipped where none is visible)."""
+    return pytest.mark.cuda(_NO_GPU(fn))
+
+
+@pytest.fixture(scope="session", params=[pytest.param("emu", marks=pytest.mark.emu),
+                                         pytest.param("cuda", marks=[pytest.mark.cuda, _NO_GPU])])
+def kern(request):
+    """The handwritten CUDA kernels, run under the CPU emulation ("emu", everywhere) and on the GPU
+    ("cuda", where one is visible): tests/kernel_backends.py. CPU tensors in and out."""
+    import kernel_backends
+    return kernel_backends.EmuKernels() if request.param == "emu" else kernel_backends.CudaKernels()
+
+
 def noncontig(t: torch.Tensor) -> torch.Tensor:
     """The same values in a non-contiguous tensor (every other column of a wider buffer)."""
     wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import moe_ext
+from conftest import gpu_only
 from moe_ext import reference as R
 
 ops = torch.ops.moe_ext
@@ -49,12 +50,7 @@ def test_capacity_rank_is_priority_order():
     assert moe_ext.capacity_rank(ids, 3).tolist() == [[0, 1], [1, 0], [0, 2]]
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("T,E,k,cap", [(37, 7, 3, 10), (1000, 64, 8, 100), (300, 160, 6, 9), (0, 8, 2, 1),
-                                       (33, 5, 5, 4), (70, 13000, 2, 1)])  # k = E; E past shared memory
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_reroute_cuda_matches_cpu(T, E, k, cap, dtype):
+def _reroute_case(T, E, k, dtype):
     keys = torch.randn(T, E)
     keys[: T // 3] = torch.round(keys[: T // 3])  # ties: the lower expert id wins on both sides
     if T:
@@ -62,16 +58,31 @@ def test_reroute_cuda_matches_cpu(T, E, k, cap, dtype):
     ids = (keys.topk(k, dim=-1).indices if T else torch.empty(0, k, dtype=torch.long)).to(dtype)
     if T:
         ids[torch.rand(T, k) < 0.1] = -1  # dropped slots stay dropped
-    cpu = ops.capacity_reroute(ids, keys, cap)
+    return ids, keys
+
+
+# The CUDA kernel, on the GPU and under the emulation (the `kern` fixture, tests/kernel_backends.py).
+@pytest.mark.parametrize("T,E,k,cap", [(37, 7, 3, 10), (1000, 64, 8, 100), (300, 160, 6, 9), (0, 8, 2, 1),
+                                       (33, 5, 5, 4), (70, 13000, 2, 1)])  # k = E; E past shared memory
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_reroute_cuda_matches_cpu(kern, T, E, k, cap, dtype):
+    ids, keys = _reroute_case(T, E, k, dtype)
+    out = kern.capacity_reroute(ids, keys, cap)
+    assert out.dtype == dtype and torch.equal(out, ops.capacity_reroute(ids, keys, cap))
+
+
+@gpu_only
+def test_reroute_cuda_no_host_sync_and_opcheck():
+    ids, keys = _reroute_case(300, 160, 6, torch.int32)
     ids_d, keys_d = ids.cuda(), keys.cuda()  # host-to-device copies synchronise: before error mode
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gpu = ops.capacity_reroute(ids_d, keys_d, cap)
+        out = ops.capacity_reroute(ids_d, keys_d, 9)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert gpu.dtype == dtype and torch.equal(gpu.cpu(), cpu)
-    torch.library.opcheck(ops.capacity_reroute.default, (ids.cuda(), keys.cuda(), cap))
+    assert torch.equal(out.cpu(), ops.capacity_reroute(ids, keys, 9))
+    torch.library.opcheck(ops.capacity_reroute.default, (ids_d, keys_d, 9))
 
 
 def test_reroute_follows_the_biased_selection_key():

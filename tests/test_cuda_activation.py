@@ -6,21 +6,17 @@ d_up = grad * act(gate), for "silu", "gelu" (erf) and "gelu_tanh". The device co
 with expf / erff and rounds once, fp64 in fp64. Covers every dtype and activation, F odd (no vectorised
 loads) and a multiple of 8, misaligned and non-contiguous inputs, more than 65535 rows (grid striding),
 empty inputs, NaN and extreme values, determinism, no host sync, CUDA-graph capture, autograd,
-torch.compile and opcheck. Runs only where a CUDA GPU is visible.
+torch.compile and opcheck. The tests that take `kern` (tests/kernel_backends.py) run on the GPU where
+one is visible and under the CUDA emulation on every machine; the rest only on a GPU.
 """
 import pytest
 import torch
 
 import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
-from activation_ref import (ACTS, assert_close_ref, bwd_scale, fp32_bound, fwd_scale, half_ulp, make_grad,
-                            make_h, ref_backward, ref_forward)
-from conftest import TOL, has_fake_kernel, noncontig, poison_cuda_allocator
+from activation_ref import (ACTS, assert_close_ref, assert_matches_cpu, bwd_scale, fwd_scale, make_grad, make_h,
+                            ref_backward, ref_forward)
+from conftest import TOL, gpu_only, has_fake_kernel, noncontig
 from moe_ext.functional import apply_activation
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
 
 ops = torch.ops.moe_ext
 DEV = "cuda"
@@ -28,25 +24,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def assert_matches_cpu(out_gpu, out_cpu, dtype, ref, scale):
-    """The device and host kernels agree: fp64 to libm's accuracy; fp32 within twice the reference bound
-    of assert_close_ref (expf / erff on the device, the polynomial exp / A-S erf on the host); 16-bit
-    within that plus one output ulp (both round an fp32 value once)."""
-    assert out_gpu.is_cuda and out_gpu.dtype == out_cpu.dtype == dtype
-    g, c = out_gpu.cpu().double(), out_cpu.double()
-    assert torch.equal(g.isnan(), c.isnan())
-    if dtype == torch.float64:
-        torch.testing.assert_close(g, c, atol=1e-12, rtol=1e-10, equal_nan=True)
-        return
-    allowed = 2 * fp32_bound(ref, scale)
-    if dtype != torch.float32:
-        allowed = allowed + 2 * half_ulp(ref, dtype)
-    keep = ~c.isnan()
-    err = (g - c).abs()[keep]
-    bad = err > allowed[keep]
-    assert not bad.any(), f"{int(bad.sum())} of {err.numel()} elements differ, worst {err.max().item():.3g}"
 
 
 # ----------------------------------------------------------------------------------- forward, backward
@@ -64,33 +41,33 @@ SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_cpu_and_reference(dtype, act, shape):
+def test_matches_cpu_and_reference(kern, dtype, act, shape):
     M, F_ = shape
     h = make_h(M, F_, dtype, seed=M * 1000 + F_)
     grad = make_grad(M, F_, dtype, seed=M + F_)
-    hd, gd = h.to(DEV), grad.to(DEV)
-    poison_cuda_allocator()
-    out = ops.gated_activation(hd, act)
-    grad_h = ops.gated_activation_backward(gd, hd, act)
-    torch.cuda.synchronize()
-    assert out.shape == (M, F_) and grad_h.shape == (M, 2 * F_)
-    assert_close_ref(out, ref_forward(h, act), dtype, fwd_scale(h))
+    kern.poison()
+    for misaligned in (False, True):  # one element off 16 bytes: no vectorised accesses
+        out = kern.gated_activation(h, act, misaligned=misaligned)
+        assert out.shape == (M, F_)
+        assert_close_ref(out, ref_forward(h, act), dtype, fwd_scale(h))
+        assert_matches_cpu(out, ops.gated_activation(h, act), dtype, ref_forward(h, act), fwd_scale(h))
+    grad_h = kern.gated_activation_backward(grad, h, act)
+    assert grad_h.shape == (M, 2 * F_)
     assert_close_ref(grad_h, ref_backward(grad, h, act), dtype, bwd_scale(grad, h))
-    assert_matches_cpu(out, ops.gated_activation(h, act), dtype, ref_forward(h, act), fwd_scale(h))
     assert_matches_cpu(grad_h, ops.gated_activation_backward(grad, h, act), dtype, ref_backward(grad, h, act),
                        bwd_scale(grad, h))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(70000, 8), (66000, 37)], ids=lambda s: "x".join(map(str, s)))
-def test_more_rows_than_a_grid_dimension(dtype, shape):
+def test_more_rows_than_a_grid_dimension(kern, dtype, shape):
     """M > 65535 rows: the kernels must stride over rows, not launch one block row per grid y index."""
     M, F_ = shape
     h = make_h(M, F_, dtype, seed=3)
     grad = make_grad(M, F_, dtype, seed=4)
-    poison_cuda_allocator()
-    out = ops.gated_activation(h.to(DEV), "silu")
-    grad_h = ops.gated_activation_backward(grad.to(DEV), h.to(DEV), "gelu")
+    kern.poison()
+    out = kern.gated_activation(h, "silu")
+    grad_h = kern.gated_activation_backward(grad, h, "gelu")
     assert_close_ref(out, ref_forward(h, "silu"), dtype, fwd_scale(h))
     assert_close_ref(grad_h, ref_backward(grad, h, "gelu"), dtype, bwd_scale(grad, h))
     assert_matches_cpu(out, ops.gated_activation(h, "silu"), dtype, ref_forward(h, "silu"), fwd_scale(h))
@@ -98,6 +75,7 @@ def test_more_rows_than_a_grid_dimension(dtype, shape):
                        bwd_scale(grad, h))
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_default_activation_is_silu(dtype):
     h = make_h(9, 40, dtype).to(DEV)
@@ -107,6 +85,7 @@ def test_default_activation_is_silu(dtype):
 
 
 # ------------------------------------------------------------------------------ layouts and empty sizes
+@gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("F_", [36, 37, 64])
@@ -137,6 +116,7 @@ def test_noncontiguous_and_misaligned(dtype, act, F_):
                        ops.gated_activation_backward(expanded.contiguous(), h, act))
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_empty(dtype):
     for act in ACTS:
@@ -156,7 +136,7 @@ def test_empty(dtype):
 # ----------------------------------------------------------------------------- NaN and extreme values
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
-def test_nan_propagates(dtype, act):
+def test_nan_propagates(kern, dtype, act):
     M, F_ = 6, 40
     h = make_h(M, F_, dtype, seed=7)
     grad = make_grad(M, F_, dtype, seed=8)
@@ -166,13 +146,13 @@ def test_nan_propagates(dtype, act):
         h[r, c] = float("nan")
     for r, c in nan_up:
         h[r, F_ + c] = float("nan")
-    out = ops.gated_activation(h.to(DEV), act).cpu()
+    out = kern.gated_activation(h, act)
     expect_nan = torch.zeros(M, F_, dtype=torch.bool)
     for r, c in nan_gate + nan_up:
         expect_nan[r, c] = True
     assert torch.equal(out.isnan(), expect_nan)
     assert_close_ref(out, ref_forward(h, act), dtype, fwd_scale(h), equal_nan=True)
-    grad_h = ops.gated_activation_backward(grad.to(DEV), h.to(DEV), act).cpu()
+    grad_h = kern.gated_activation_backward(grad, h, act)
     for r, c in nan_gate:
         assert grad_h[r, c].isnan() and grad_h[r, F_ + c].isnan()
     for r, c in nan_up:  # d_up = grad * act(gate) does not read up
@@ -183,7 +163,7 @@ def test_nan_propagates(dtype, act):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
-def test_large_values(dtype, act):
+def test_large_values(kern, dtype, act):
     big = [100.0, -100.0, 1e4, -1e4, 30.0, -30.0, 88.0, -88.0, 90.0, -90.0, 0.0, -0.0]
     gate = torch.tensor(big, dtype=torch.float64).to(dtype)
     F_ = gate.numel()
@@ -191,13 +171,13 @@ def test_large_values(dtype, act):
     h[1, F_:] = -2.5
     h[2, F_:] = torch.linspace(-3, 3, F_, dtype=torch.float64).to(dtype)
     grad = torch.ones(3, F_, dtype=dtype)
-    out = ops.gated_activation(h.to(DEV), act)
-    grad_h = ops.gated_activation_backward(grad.to(DEV), h.to(DEV), act)
+    out = kern.gated_activation(h, act)
+    grad_h = kern.gated_activation_backward(grad, h, act)
     assert torch.isfinite(out).all() and torch.isfinite(grad_h).all()
     assert_close_ref(out, ref_forward(h, act), dtype, fwd_scale(h))
     assert_close_ref(grad_h, ref_backward(grad, h, act), dtype, bwd_scale(grad, h))
     g64 = gate.double()
-    row, d_gate = out[0].cpu().double(), grad_h[0, :F_].cpu().double()
+    row, d_gate = out[0].double(), grad_h[0, :F_].double()
     pos, neg = g64 >= 30, g64 <= -30
     torch.testing.assert_close(row[pos], g64[pos], **TOL[dtype])          # act(x) = x for large x
     assert (row[neg].abs() <= 1e-6).all()                                   # and ~0 for large negative x
@@ -209,6 +189,7 @@ def test_large_values(dtype, act):
 
 
 # ------------------------------------------------------------------------------------- errors, devices
+@gpu_only
 def test_errors():
     h = torch.randn(3, 8, device=DEV)
     with pytest.raises(RuntimeError, match=r'^moe_ext\.gated_activation: activation must be "silu", "gelu" or '
@@ -231,6 +212,7 @@ def test_errors():
 
 
 # ------------------------------------------------------------------------------ determinism, host sync
+@gpu_only
 def test_deterministic():
     h = make_h(5000, 1000, torch.bfloat16, seed=9).to(DEV)
     grad = make_grad(5000, 1000, torch.bfloat16, seed=10).to(DEV)
@@ -241,6 +223,7 @@ def test_deterministic():
     assert torch.equal(ops.gated_activation(h32, "gelu"), ops.gated_activation(h32, "gelu"))
 
 
+@gpu_only
 def test_no_host_sync():
     h = make_h(1024, 256, torch.bfloat16).to(DEV)
     grad = make_grad(1024, 256, torch.bfloat16).to(DEV)
@@ -263,6 +246,7 @@ def test_no_host_sync():
 
 
 # ------------------------------------------------------------------------------------------ CUDA graphs
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_graph_capture_replay(dtype):
     M, F_ = 2048, 352
@@ -293,12 +277,14 @@ def test_cuda_graph_capture_replay(dtype):
 
 
 # --------------------------------------------------------------------------- autograd, compile, opcheck
+@gpu_only
 @pytest.mark.parametrize("act", ACTS)
 def test_apply_activation_gradcheck(act):
     h = torch.randn(2, 3, 10, dtype=torch.float64, device=DEV, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: apply_activation(x, act), (h,))
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_apply_activation_matches_ops(dtype):
     h = make_h(12, 36, dtype).reshape(3, 4, 72).to(DEV)
@@ -311,6 +297,7 @@ def test_apply_activation_matches_ops(dtype):
     assert torch.equal(hr.grad.reshape(12, 72), ops.gated_activation_backward(grad, h.reshape(12, 72), "gelu_tanh"))
 
 
+@gpu_only
 def test_compile_aot_eager():
     torch._dynamo.reset()
     fn = torch.compile(lambda x: apply_activation(x, "silu"), fullgraph=True, backend="aot_eager")
@@ -326,6 +313,7 @@ def test_compile_aot_eager():
                      fwd_scale(h.reshape(10, 48)))
 
 
+@gpu_only
 def test_opcheck():
     # Autograd lives in moe_ext/functional.py (autograd.Function), not on the ops, so
     # test_autograd_registration does not apply.
