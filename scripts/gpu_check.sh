@@ -164,7 +164,7 @@ sanitize() {  # sanitize TOOL: the smoke script plus the small CUDA tests that e
     echo "SANITIZE-DONE tool=$tool rc=$rc"
     return $rc
 }
-# Small, edge-case tests of every CUDA op (the sanitizer slows kernels by 10-100x): 53 tests. Only the
+# Small, edge-case tests of every CUDA op (the sanitizer slows kernels by 10-100x): 55 tests. Only the
 # smallest of the grouped GEMM's most_empty shapes (fp32 / fp16 / bf16, so CUTLASS and the simple kernel),
 # and the smallest shape of each sm_90a tile in each form.
 SANITIZE_K=${SANITIZE_K:-"(empty and not most_empty and not large) or edge or ties or no_rows or unreferenced \

@@ -104,8 +104,8 @@ def assert_close_ref(out, ref, dtype, scale=None, equal_nan=False):
 
 def assert_matches_cpu(out_dev, out_cpu, dtype, ref, scale):
     """The CUDA kernel's output (on any device: the GPU's, or the emulation's) and the CPU kernel's agree:
-    fp64 to libm's accuracy; fp32 within twice the reference bound of assert_close_ref (expf / erff and
-    nvcc's FMA contraction on the device, the polynomial exp / A-S erf on the host); 16-bit within that
+    fp64 to libm's accuracy; fp32 within twice the reference bound of assert_close_ref (expf / erff and a
+    2-ulp division on the device, the polynomial exp / A-S erf on the host); 16-bit within that
     plus one output ulp (both round an fp32 value once)."""
     assert out_dev.dtype == out_cpu.dtype == dtype and out_dev.shape == out_cpu.shape
     g, c = out_dev.cpu().double(), out_cpu.double()

@@ -71,6 +71,13 @@ class CudaKernels:
     def capacity_reroute(self, expert_ids, keys, capacity):
         return ops.capacity_reroute(expert_ids.to(DEV), keys.to(DEV), capacity).cpu()
 
+    def grouped_gemm(self, a, b, expert_offsets, trans_b=False, bias=None, misaligned=False):
+        return ops.grouped_gemm(_dev(a, misaligned), _dev(b, misaligned), expert_offsets.to(DEV), trans_b,
+                                _dev(bias)).cpu()
+
+    def grouped_gemm_wgrad(self, x, y, expert_offsets, misaligned=False):
+        return ops.grouped_gemm_wgrad(_dev(x, misaligned), _dev(y, misaligned), expert_offsets.to(DEV)).cpu()
+
 
 class EmuKernels:
     """Misaligned: the input and the output one element past a 16-byte boundary."""
@@ -118,3 +125,11 @@ class EmuKernels:
 
     def capacity_reroute(self, expert_ids, keys, capacity):
         return self.emu.capacity_reroute(expert_ids, keys, capacity)
+
+    # Only the grouped GEMM's handwritten kernels are emulated (not CUTLASS): these run the path a GPU
+    # takes for fp64 and for 16-bit rows or data off 16-byte alignment, whatever the arguments.
+    def grouped_gemm(self, a, b, expert_offsets, trans_b=False, bias=None, misaligned=False):
+        return self.emu.grouped_gemm(a, b, expert_offsets, trans_b, bias, misalign=a.element_size() * misaligned)
+
+    def grouped_gemm_wgrad(self, x, y, expert_offsets, misaligned=False):
+        return self.emu.grouped_gemm_wgrad(x, y, expert_offsets, misalign=x.element_size() * misaligned)

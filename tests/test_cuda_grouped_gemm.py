@@ -1,11 +1,15 @@
 """CUDA grouped GEMM (torch.ops.moe_ext.grouped_gemm / grouped_gemm_wgrad) against an fp32 reference.
 
-Runs only on a CUDA GPU. Covers the three forms (forward NN, forward NT = trans_b, wgrad TN), bias,
+Covers the three forms (forward NN, forward NT = trans_b, wgrad TN), bias,
 group sizes uniform / Zipf-skewed / all on one expert / most experts empty, rows outside the offsets,
 sizes that are and are not multiples of 8 (CUTLASS path and the CUDA-core fallback), fp32 and fp64,
 sync-debug "error" mode, CUDA-graph capture and replay with new group sizes, and opcheck.
 Accuracy rule (flash-attention's): the kernel's error against the fp32 reference is at most twice the
 error of per-expert torch.matmul in the same dtype, plus a small absolute slack.
+
+The tests that take `kern` (tests/kernel_backends.py) check the handwritten kernels of
+gemm/grouped_gemm_aux.cu (the CUDA-core GEMM, the prologue and the empty-expert zeroing) on the GPU
+where one is visible and under the CUDA emulation on every machine; the rest (CUTLASS) only on a GPU.
 """
 import contextlib
 import math
@@ -16,12 +20,7 @@ import torch
 
 import moe_ext
 
-from conftest import poison_cuda_allocator
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+from conftest import gpu_only, poison_cuda_allocator
 
 ops = torch.ops.moe_ext
 DEV = "cuda"
@@ -57,8 +56,8 @@ def make_offsets(counts, front=0):
     return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]) + front
 
 
-def randn(*shape, dtype, gen, scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype).to(DEV)
+def randn(*shape, dtype, gen, scale=1.0, device=DEV):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype).to(device)
 
 
 # ------------------------------------------------------------------------------------------ reference
@@ -110,6 +109,7 @@ FWD_SHAPES = [  # (M, E, K, N)
 ]
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("kind", ["uniform", "zipf", "one", "most_empty"])
 @pytest.mark.parametrize("shape", FWD_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -129,6 +129,7 @@ def test_forward(dtype, kind, shape, trans_b):
     assert (out[:front] == 0).all() and (out[M - back:] == 0).all()
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("trans_b", [False, True], ids=["nn", "nt"])
 @pytest.mark.parametrize("shape", [(777, 8, 128, 264), (300, 6, 40, 9)], ids=["aligned", "fallback"])
@@ -149,6 +150,7 @@ def test_forward_bias(dtype, trans_b, shape):
     assert (out[:4] == 0).all() and (out[M - 6:] == 0).all()
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_forward_large(dtype):
     """M = 65536 rows over E = 256 experts, Zipf-skewed, K/N not multiples of 128."""
@@ -161,6 +163,7 @@ def test_forward_large(dtype):
     assert_accurate(out, ref_forward(a, b, offs_host, False), ref_forward(a, b, offs_host, False, dtype=dtype), dtype)
 
 
+@gpu_only
 def test_forward_edge_cases():
     gen = torch.Generator().manual_seed(11)
     E, K, N = 4, 64, 32
@@ -183,6 +186,7 @@ def test_forward_edge_cases():
     assert (ops.grouped_gemm(a0, b0, offs) == 0).all()
 
 
+@gpu_only
 def test_forward_fp64_and_noncontiguous():
     gen = torch.Generator().manual_seed(5)
     M, E, K, N = 200, 3, 24, 16
@@ -207,6 +211,7 @@ WGRAD_SHAPES = [  # (M, E, P, Q)
 ]
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("kind", ["uniform", "zipf", "one", "most_empty"])
 @pytest.mark.parametrize("shape", WGRAD_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -227,6 +232,7 @@ def test_wgrad(dtype, kind, shape):
         assert (out[e] == 0).all(), f"expert {e} has no rows, its gradient must be zero"
 
 
+@gpu_only
 def test_wgrad_large_many_empty():
     M, E, P, Q = 65536, 256, 128, 96
     gen = torch.Generator().manual_seed(9)
@@ -242,6 +248,7 @@ def test_wgrad_large_many_empty():
     assert (out[::3][counts[::3] == 0] == 0).all()
 
 
+@gpu_only
 def test_wgrad_no_rows():
     x = torch.empty(0, 16, dtype=torch.bfloat16, device=DEV)
     y = torch.empty(0, 8, dtype=torch.bfloat16, device=DEV)
@@ -299,6 +306,7 @@ def abs_reference(form, a, b, offs_host):
 TF32_SHAPES = [(1000, 16, 72, 40), (3000, 8, 200, 136), (4096, 64, 256, 384), (300, 6, 36, 20)]  # K, N % 4 == 0
 
 
+@gpu_only
 @pytest.mark.parametrize("shape", TF32_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("form", ["nn", "nt", "wgrad"])
 def test_fp32_runs_as_tf32_when_torch_allows_it(shape, form):
@@ -334,6 +342,7 @@ def test_fp32_runs_as_tf32_when_torch_allows_it(shape, form):
     assert not torch.equal(fast, exact)
 
 
+@gpu_only
 @pytest.mark.parametrize("api", ["fp32_precision", "matmul_precision"])
 def test_fp32_follows_every_tf32_api(api):
     """torch's newer fp32_precision API and set_float32_matmul_precision switch TF32 on and off too (the
@@ -351,6 +360,7 @@ def test_fp32_follows_every_tf32_api(api):
     assert torch.equal(fast, exact) != tf32_kernel_for_this_device()
 
 
+@gpu_only
 @pytest.mark.parametrize("form", ["nn", "nt", "wgrad"])
 def test_fp32_misaligned_stays_exact_with_tf32_allowed(form):
     """Rows that break 16-byte alignment (K = 33, N = 17) take the exact CUDA-core kernel either way."""
@@ -367,6 +377,7 @@ def test_fp32_misaligned_stays_exact_with_tf32_allowed(form):
 
 
 # ---------------------------------------------------------------------- backward built from the forms
+@gpu_only
 @pytest.mark.parametrize("trans_b", [False, True], ids=["nn", "nt"])
 def test_backward_forms_match_autograd(trans_b):
     """dgrad = grouped_gemm with trans_b flipped, wgrad = grouped_gemm_wgrad (b's layout)."""
@@ -413,6 +424,7 @@ TILE_SHAPES = [  # (M, E, K, N): rows per expert not a multiple of 128 (odd M ti
 ]
 
 
+@gpu_only
 @needs_sm90
 @pytest.mark.parametrize("tile", ["128x128", "128x256"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -458,6 +470,7 @@ def gemm_tile_launched(fn):
 WIDE_MIN_ROWS = 256  # grouped_gemm_cuda.cpp kWideTileMinRowsPerExpert
 
 
+@gpu_only
 @needs_sm90
 def test_sm90_auto_tile_choice():
     """auto: 128x256 when experts average >= WIDE_MIN_ROWS rows and the problem has >= 2 such tiles
@@ -499,7 +512,118 @@ def test_sm90_auto_tile_choice():
         assert gemm_tile_launched(lambda: ops.grouped_gemm_wgrad(x[:n], y[:n], offs.clamp(max=n))) == 128
 
 
+# ------------------------------------------------ the handwritten kernels, on the GPU and emulated
+# What CUTLASS does not take: fp64, and 16-bit rows or data off 16-byte alignment. With these shapes
+# (K or N not a multiple of 8, or data one element off) a GPU runs the CUDA-core kernels too, so both
+# back ends run the same code. (M, E, K, N); for wgrad (M, E, P, Q).
+SIMT_SHAPES = [(517, 5, 33, 17), (300, 6, 40, 9), (64, 3, 7, 130), (90, 9, 16, 24), (40, 70, 24, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=["bf16", "fp16", "fp64"])
+@pytest.mark.parametrize("kind", ["zipf", "one", "most_empty"])
+@pytest.mark.parametrize("shape", SIMT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("form", ["nn", "nt_bias", "wgrad"])
+def test_cuda_core_kernels(kern, dtype, kind, shape, form):
+    M, E, K, N = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, kind, form, str(dtype))).encode()))
+    front, back = 3, 5  # rows outside [offsets[0], offsets[E]): zero in the forward, ignored by wgrad
+    counts = group_sizes(kind, M - front - back, E, gen)
+    offs = make_offsets(counts, front)
+    elem = torch.empty((), dtype=dtype).element_size()
+    misaligned = dtype != torch.float64 and (K * elem) % 16 == 0 and (N * elem) % 16 == 0
+    a = randn(M, K, dtype=dtype, gen=gen, device="cpu")
+    if form == "wgrad":
+        y = randn(M, N, dtype=dtype, gen=gen, scale=M ** -0.5, device="cpu")
+        out = kern.grouped_gemm_wgrad(a, y, offs, misaligned=misaligned)
+        assert out.shape == (E, K, N)
+        assert_accurate(out, ref_wgrad(a, y, offs, dtype=torch.float64), ref_wgrad(a, y, offs, dtype=dtype), dtype)
+        assert (out[counts == 0] == 0).all(), "experts without rows have a zero gradient"
+        return
+    trans_b = form == "nt_bias"
+    b = randn(E, *((N, K) if trans_b else (K, N)), dtype=dtype, gen=gen, scale=K ** -0.5, device="cpu")
+    bias = randn(E, N, dtype=dtype, gen=gen, device="cpu") if trans_b else None
+    out = kern.grouped_gemm(a, b, offs, trans_b, bias, misaligned=misaligned)
+    assert_accurate(out, ref_forward(a, b, offs, trans_b, bias, dtype=torch.float64),
+                    ref_forward(a, b, offs, trans_b, bias, dtype=dtype), dtype)
+    assert (out[:front] == 0).all() and (out[M - back:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "fp64"])
+def test_cuda_core_edge_cases(kern, dtype):
+    gen = torch.Generator().manual_seed(11)
+    E, K, N = 4, 20, 12
+    b = randn(E, K, N, dtype=dtype, gen=gen, device="cpu")
+    bias = randn(E, N, dtype=dtype, gen=gen, device="cpu")
+    a = randn(10, K, dtype=dtype, gen=gen, device="cpu")
+    # every row outside the experts: zeros, with or without bias
+    outside = torch.full((E + 1,), 4, dtype=torch.int64)
+    assert (kern.grouped_gemm(a, b, outside) == 0).all()
+    assert (kern.grouped_gemm(a, b, outside, False, bias) == 0).all()
+    # no rows; no experts
+    assert kern.grouped_gemm(a[:0], b, torch.zeros(E + 1, dtype=torch.int64)).shape == (0, N)
+    assert (kern.grouped_gemm(a, b[:0], torch.zeros(1, dtype=torch.int64)) == 0).all()
+    # K = 0: the bias rows of each row's expert (the prologue kernel alone), or zeros
+    a0, b0 = a[:6, :0], b[:, :0]
+    offs = torch.tensor([0, 2, 2, 5, 6])
+    assert torch.equal(kern.grouped_gemm(a0, b0, offs, False, bias), bias[torch.tensor([0, 0, 2, 2, 2, 3])])
+    assert (kern.grouped_gemm(a0, b0, offs) == 0).all()
+    # wgrad: no rows (zeros), and an expert with no rows between others
+    y = randn(10, N, dtype=dtype, gen=gen, device="cpu")
+    assert (kern.grouped_gemm_wgrad(a[:0], y[:0], torch.zeros(E + 1, dtype=torch.int64)) == 0).all()
+    offs = torch.tensor([0, 3, 3, 10, 10])
+    out = kern.grouped_gemm_wgrad(a, y, offs)
+    assert (out[1] == 0).all() and (out[3] == 0).all()
+    assert_accurate(out, ref_wgrad(a, y, offs, dtype=torch.float64), ref_wgrad(a, y, offs, dtype=dtype), dtype)
+
+
+def _emulated():
+    import kernel_backends
+    return kernel_backends.EmuKernels().emu
+
+
+@pytest.mark.emu
+def test_bad_offsets_stay_in_bounds_emulated():
+    """CUDA cannot check offsets' values without a sync: the kernels clamp each expert's rows to [0, M]
+    (an empty range where they decrease), so bad offsets give wrong numbers but never an access out of
+    bounds (the emulation's guard bytes and protected pages would fail the call)."""
+    emu = _emulated()
+    gen = torch.Generator().manual_seed(12)
+    M, E, K, N = 10, 5, 20, 12
+    a = randn(M, K, dtype=torch.float64, gen=gen, device="cpu")
+    b = randn(E, K, N, dtype=torch.float64, gen=gen, device="cpu")
+    bias = randn(E, N, dtype=torch.float64, gen=gen, device="cpu")
+    y = randn(M, N, dtype=torch.float64, gen=gen, device="cpu")
+    past = torch.tensor([-7, 4, 4, 8, 99, 1 << 40])   # negative, past M: each range clamps to
+    clamped = torch.tensor([0, 4, 4, 8, 10, 10])      # these, which stay disjoint
+    for trans_b in (False, True):
+        bb = b.transpose(1, 2).contiguous() if trans_b else b
+        torch.testing.assert_close(emu.grouped_gemm(a, bb, past, trans_b, bias),
+                                   ref_forward(a, bb, clamped, trans_b, bias, dtype=torch.float64))
+        emu.grouped_gemm(a, bb, torch.tensor([0, 6, 2, 8, 3, 10]), trans_b, bias)  # decreasing: runs in bounds
+    torch.testing.assert_close(emu.grouped_gemm_wgrad(a, y, past), ref_wgrad(a, y, clamped, dtype=torch.float64))
+    emu.grouped_gemm_wgrad(a, y, torch.tensor([5, 6, 2, 8, -3, 10]))
+
+
+@pytest.mark.emu
+def test_zero_empty_experts_kernel_emulated():
+    """The zeroing that follows a CUTLASS wgrad (CUTLASS gets 0x0x0 problems for experts without rows),
+    alone: only those experts change, for every element size and unaligned expert sizes. On a GPU,
+    test_wgrad checks it behind the CUTLASS kernels."""
+    emu = _emulated()
+    offs = torch.tensor([0, 0, 5, 5, 5, 9, 12, 12])  # experts 0, 2, 3, 6 own no rows
+    for dtype, (P, Q) in ((torch.float16, (3, 5)), (torch.float32, (8, 16)), (torch.float64, (7, 1)),
+                          (torch.bfloat16, (64, 100))):
+        out = torch.randn(7, P, Q).to(dtype) + 1
+        res = emu.grouped_gemm_zero_empty_experts(out, offs, rows=12)
+        empty = torch.tensor([True, False, True, True, False, False, True])
+        assert (res[empty] == 0).all() and torch.equal(res[~empty], out[~empty])
+        res = emu.grouped_gemm_zero_empty_experts(out, offs, rows=7)  # clamped: experts 5 and 6 are empty too
+        empty[5] = True
+        assert (res[empty] == 0).all() and torch.equal(res[~empty], out[~empty])
+
+
 # ----------------------------------------------------------------------- no host sync, CUDA graphs
+@gpu_only
 def test_no_host_sync():
     gen = torch.Generator().manual_seed(31)
     M, E, K, N = 1024, 16, 128, 256
@@ -522,6 +646,7 @@ def test_no_host_sync():
     torch.cuda.synchronize()
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_graph_capture_replay(dtype):
     gen = torch.Generator().manual_seed(41)
@@ -553,6 +678,7 @@ def test_cuda_graph_capture_replay(dtype):
 
 
 # ------------------------------------------------------------------------------------------- opcheck
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_opcheck(dtype):
     gen = torch.Generator().manual_seed(51)
@@ -567,6 +693,7 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.grouped_gemm_wgrad.default, (a, randn(M, N, dtype=dtype, gen=gen), offs))
 
 
+@gpu_only
 def test_errors_match_cpu():
     a = torch.randn(8, 16, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(2, 15, 4, device=DEV, dtype=torch.bfloat16)

@@ -1,16 +1,18 @@
 """The CUDA emulation's own checks: each report it promises really fires.
 
-tests/emu runs the handwritten CUDA kernels (csrc/cuda/*.cu, all but the CUTLASS GEMMs) on the CPU:
-tests/kernel_backends.py's "emu" back end, which the CUDA tests (test_cuda_routing.py,
-test_cuda_activation.py, test_capacity.py) take through the `kern` fixture on every machine. There it
-fails a launch on a warp collective that part of a warp misses, a collective after lanes exited, a
-deadlock, a launch over its __launch_bounds__ or the block limits; its buffers catch out-of-bounds
-writes (guard bytes) and reads past their end (a protected page); outputs and shared memory start as
-poison; and threads run in a seeded random order between sync points, so a missing barrier changes
-the result with the seed. The kernels here (tests/emu/selftest.cu) break each rule on purpose.
+tests/emu runs the handwritten CUDA kernels (csrc/cuda/*.cu and gemm/grouped_gemm_aux.cu: all but the
+CUTLASS GEMMs) on the CPU: tests/kernel_backends.py's "emu" back end, which the CUDA tests
+(test_cuda_routing.py, test_cuda_activation.py, test_capacity.py, test_cuda_grouped_gemm.py) take
+through the `kern` fixture on every machine. There it fails a launch on a warp collective that part of a
+warp misses, a collective after lanes exited, a deadlock, a launch over its __launch_bounds__ or the
+block limits; its buffers catch out-of-bounds writes (guard bytes) and reads past their end (a protected
+page); outputs and shared memory start as poison; and threads run in a seeded random order between sync
+points, so a missing barrier changes the result with the seed. The kernels here (tests/emu/selftest.cu)
+break each rule on purpose.
 
-What the emulation cannot see: timing, the GPU memory model, and nvcc's FMA contraction in the files
-built with --fmad=true (activation.cu: compared within tolerance).
+What the emulation cannot see: timing, the GPU memory model, the device's expf / erff and 2-ulp
+division (activation.cu) and nvcc's FMA contraction where it is on (gemm/grouped_gemm_aux.cu): those
+are compared within tolerance.
 """
 import ctypes
 import sys

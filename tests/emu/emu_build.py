@@ -28,8 +28,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CSRC = ROOT / "csrc"
+# csrc/cuda/... files: every handwritten kernel (not the CUTLASS instantiations)
 KERNELS = ["topk_gating.cu", "topk_gating_backward.cu", "permute.cu", "unpermute.cu", "activation.cu",
-           "capacity.cu"]
+           "capacity.cu", "gemm/grouped_gemm_aux.cu"]
 CXX = os.environ.get("EMU_CXX", "g++")
 # No contraction into FMA, as nvcc's --fmad=false and the CPU kernels' own build (docs/kernels.md).
 FLAGS = ["-std=c++20", "-O1", "-g0", "-fPIC", "-ffp-contract=off", "-D__CUDA_ARCH__=900", "-fno-strict-aliasing",
@@ -133,8 +134,8 @@ def rewrite(src: str, path: Path) -> str:
 def _digest() -> str:
     h = hashlib.sha256()
     h.update(" ".join([CXX] + FLAGS).encode())
-    files = sorted(list((CSRC / "cuda").glob("*.cu")) + list((CSRC / "cuda").glob("*.cuh")) +
-                   list((CSRC / "cuda").glob("*.h")) + list((CSRC / "common").glob("*.h")) +
+    files = sorted([CSRC / "cuda" / name for name in KERNELS] + list((CSRC / "cuda").rglob("*.cuh")) +
+                   list((CSRC / "cuda").rglob("*.h")) + list((CSRC / "common").glob("*.h")) +
                    [p for p in HERE.rglob("*") if p.suffix in (".h", ".cpp", ".cu", ".py")])
     for p in files:
         h.update(str(p.relative_to(ROOT)).encode())
@@ -156,7 +157,8 @@ def build(out_dir: Path | None = None) -> Path:
         for path in [CSRC / "cuda" / name for name in KERNELS] + [HERE / "selftest.cu"]:
             cpp = work / (path.name + ".cpp")
             cpp.write_text(rewrite(path.read_text(), path))
-            jobs.append(([CXX, *FLAGS, *includes, "-c", str(cpp), "-o", str(cpp) + ".o"], str(cpp) + ".o"))
+            own = f"-I{path.parent}"  # the file's own "..." includes, as from its place in csrc
+            jobs.append(([CXX, *FLAGS, own, *includes, "-c", str(cpp), "-o", str(cpp) + ".o"], str(cpp) + ".o"))
         for src in ("emu.cpp", "harness.cpp"):
             flags = [f for f in FLAGS if f != "-D__CUDA_ARCH__=900"]
             jobs.append(([CXX, *flags, *includes, "-c", str(HERE / src), "-o", str(work / (src + ".o"))],

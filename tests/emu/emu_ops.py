@@ -273,3 +273,62 @@ def capacity_reroute(expert_ids, keys, capacity):
     L.call(lib().emu_capacity_reroute, _p(ids), int(expert_ids.dtype == torch.int32), _p(ks), _i(T), _i(k), _i(E),
            _i(capacity), _p(load))
     return ids.clone()
+
+
+FORM = {"nn": 0, "nt": 1, "wgrad": 2}
+
+
+def grouped_gemm(a, b, expert_offsets, trans_b=False, bias=None, misalign=0):
+    """grouped_gemm_cuda's path when CUTLASS does not take the call: prefill, then the CUDA-core kernel."""
+    M, K = a.shape
+    E = b.shape[0]
+    N = b.shape[1] if trans_b else b.shape[2]
+    L = Launch()
+    c = L.empty("c", (M, N), a.dtype, misalign)
+    if M == 0 or N == 0:
+        return c.clone()
+    aa = L.input("a", a.contiguous(), misalign)
+    bb = L.input("b", b.contiguous(), misalign)
+    offs = L.input("expert_offsets", expert_offsets.contiguous())
+    bias_c = L.input("bias", bias.contiguous()) if bias is not None else None
+    prefill = (_p(c), _p(bias_c), _p(offs), _i(E), _i(M), _i(N), a.element_size())
+    if K == 0 or E == 0:
+        if bias_c is not None and E > 0:
+            L.call(lib().emu_grouped_gemm_prefill, *prefill)
+            return c.clone()
+        return torch.zeros(M, N, dtype=a.dtype)
+    L.call(lib().emu_grouped_gemm_prefill, *prefill)
+    L.call(lib().emu_grouped_gemm_simt, FORM["nt" if trans_b else "nn"], _p(aa), _p(bb), _p(c), _p(offs), _i(M), _i(K),
+           _i(N), _i(E), int(bias is not None), DTYPE_CODE[a.dtype])
+    return c.clone()
+
+
+def grouped_gemm_wgrad(x, y, expert_offsets, misalign=0):
+    """grouped_gemm_wgrad_cuda's path when CUTLASS does not take the call: the CUDA-core kernel alone."""
+    M, P = x.shape
+    Q = y.shape[1]
+    E = expert_offsets.shape[0] - 1
+    L = Launch()
+    out = L.empty("out", (E, P, Q), x.dtype, misalign)
+    if out.numel() == 0:
+        return out.clone()
+    if M == 0:
+        return torch.zeros(E, P, Q, dtype=x.dtype)
+    xx = L.input("x", x.contiguous(), misalign)
+    yy = L.input("y", y.contiguous(), misalign)
+    offs = L.input("expert_offsets", expert_offsets.contiguous())
+    L.call(lib().emu_grouped_gemm_simt, FORM["wgrad"], _p(xx), _p(yy), _p(out), _p(offs), _i(M), _i(P), _i(Q), _i(E),
+           0, DTYPE_CODE[x.dtype])
+    return out.clone()
+
+
+def grouped_gemm_zero_empty_experts(out, expert_offsets, rows):
+    """The epilogue-side fix after a CUTLASS wgrad: out [E, P, Q] (any values) with the experts that own no
+    rows (offsets clamped to [0, rows]) zeroed, the rest left as they were."""
+    E = out.shape[0]
+    L = Launch()
+    o = L.input("out", out.contiguous())
+    offs = L.input("expert_offsets", expert_offsets.contiguous())
+    L.call(lib().emu_grouped_gemm_zero_empty_experts, _p(o), _p(offs), _i(E), _i(rows), _i(out[0].numel() if E else 0),
+           out.element_size())
+    return o.clone()

@@ -1,6 +1,7 @@
 // C entry points over csrc/cuda/launchers.h for the Python side of the CUDA emulation (emu_ops.py):
 // plain integers and pointers, so ctypes can call them. Each returns the launcher's cudaError_t;
 // emu_last_message() says what failed.
+#include "cuda/gemm/grouped_gemm_launch.h"
 #include "cuda/launchers.h"
 
 using namespace moe_ext;
@@ -91,6 +92,36 @@ int emu_gated_activation_backward(int dtype, int act, const void* grad, const vo
 int emu_capacity_reroute(void* ids, int ids_int32, const float* keys, int64_t T, int64_t k, int64_t E,
                           int64_t capacity, int* load) {
   return launch_capacity_reroute(ids, ids_int32 != 0, keys, T, k, E, capacity, load, nullptr);
+}
+
+// The grouped GEMM's handwritten kernels (gemm/grouped_gemm_aux.cu); sm_count as an H100's.
+constexpr int kSmCount = 132;
+
+int emu_grouped_gemm_prefill(void* c, const void* bias, const int64_t* offsets, int64_t E, int64_t M, int64_t N,
+                             int elem_size) {
+  return gemm::grouped_gemm_prefill(c, bias, offsets, E, M, N, elem_size, kSmCount, nullptr);
+}
+
+int emu_grouped_gemm_zero_empty_experts(void* out, const int64_t* offsets, int64_t E, int64_t M, int64_t PQ,
+                                        int elem_size) {
+  return gemm::grouped_gemm_zero_empty_experts(out, offsets, E, M, PQ, elem_size, kSmCount, nullptr);
+}
+
+int emu_grouped_gemm_simt(int form, const void* a, const void* b, void* c, const int64_t* offsets, int64_t rows,
+                          int64_t dim_in, int64_t dim_out, int64_t E, int accumulate, int dtype) {
+  gemm::GroupedGemmArgs args{};
+  args.form = static_cast<gemm::Form>(form);
+  args.a = a;
+  args.b = b;
+  args.c = c;
+  args.offsets = offsets;
+  args.rows = rows;
+  args.dim_in = dim_in;
+  args.dim_out = dim_out;
+  args.num_experts = E;
+  args.accumulate = accumulate != 0;
+  args.sm_count = kSmCount;
+  return gemm::grouped_gemm_simt(args, dtype, nullptr);
 }
 
 }  // extern "C"
