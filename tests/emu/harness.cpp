@@ -1,6 +1,6 @@
-// C entry points over csrc/cuda/launchers.h for the Python side of the CUDA emulation (emu_ops.py):
-// plain integers and pointers, so ctypes can call them. Each returns the launcher's cudaError_t;
-// emu_last_message() says what failed.
+// C entry points over csrc/cuda/launchers.h and gemm/grouped_gemm_launch.h for the Python side of the
+// CUDA emulation (emu_ops.py): plain integers and pointers, so ctypes can call them. Each returns the
+// launcher's cudaError_t; emu_last_message() says what failed.
 #include "cuda/gemm/grouped_gemm_launch.h"
 #include "cuda/launchers.h"
 
