@@ -53,7 +53,7 @@ def kern(request):
     """The handwritten CUDA kernels, run under the CPU emulation ("emu", everywhere) and on the GPU
     ("cuda", where one is visible): tests/kernel_backends.py. CPU tensors in and out."""
     import kernel_backends
-    return kernel_backends.EmuKernels() if request.param == "emu" else kernel_backends.CudaKernels()
+    return kernel_backends.emulated_kernels() if request.param == "emu" else kernel_backends.CudaKernels()
 
 
 def noncontig(t: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@
   "emu":  the same kernels compiled for the CPU under the CUDA emulation (tests/emu), called through
           tests/emu/emu_ops.py, which mirrors that glue. Runs on every machine.
 
-Both take and return CPU tensors, so one test body checks both: the `kern` fixture (conftest.py) gives
-each test the two, the CUDA one skipped where no GPU is visible. Inputs are not validated by the
+Both take and return CPU tensors and offer the same functions (plus `emulated`, `schedules()` and
+`poison()`), so one test body checks both: the `kern` fixture (conftest.py) gives each test the two,
+the CUDA one skipped where no GPU is visible. Inputs are not validated by the
 emulated glue: a test calls the CPU op on the same arguments, which shares its checks with CUDA.
 """
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 
 ops = torch.ops.moe_ext
 DEV = "cuda"
-SEEDS = (1, 2)  # emulated scheduling orders for the kernels whose threads share memory
 
 
 def _dev(t, misaligned=False):
@@ -35,7 +35,6 @@ def _host(outs):
 
 
 class CudaKernels:
-    name = "cuda"
     emulated = False
 
     def schedules(self):
@@ -79,57 +78,12 @@ class CudaKernels:
         return ops.grouped_gemm_wgrad(_dev(x, misaligned), _dev(y, misaligned), expert_offsets.to(DEV)).cpu()
 
 
-class EmuKernels:
-    """Misaligned: the input and the output one element past a 16-byte boundary."""
-    name = "emu"
-    emulated = True
-
-    def __init__(self):
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "emu"))
-        import emu_ops
-        self.emu = emu_ops
-        emu_ops.lib()  # built once per worker (cached on disk, under a lock)
-
-    def schedules(self):
-        """Each scheduling order in turn: a missing barrier or a race changes the results between them."""
-        try:
-            for seed in SEEDS:
-                self.emu.set_seed(seed)
-                yield seed
-        finally:
-            self.emu.set_seed(SEEDS[0])
-
-    def poison(self):
-        pass  # every emulated output starts as poison
-
-    def topk_gating(self, logits, k, **kw):
-        return list(self.emu.topk_gating(logits, k, **kw))
-
-    def topk_gating_backward(self, *args):
-        return self.emu.topk_gating_backward(*args)
-
-    def permute(self, x, expert_ids, num_experts, max_rows=-1, misaligned=False):
-        return list(self.emu.permute(x, expert_ids, num_experts, max_rows, misalign=x.element_size() * misaligned))
-
-    def unpermute(self, y_sorted, row_map, weights=None, misaligned=False):
-        return self.emu.unpermute(y_sorted, row_map, weights, misalign=y_sorted.element_size() * misaligned)
-
-    def unpermute_backward(self, grad_y, y_sorted, row_map, weights):
-        return list(self.emu.unpermute_backward(grad_y, y_sorted, row_map, weights))
-
-    def gated_activation(self, h, activation="silu", misaligned=False):
-        return self.emu.gated_activation(h, activation, misalign=h.element_size() * misaligned)
-
-    def gated_activation_backward(self, grad, h, activation="silu"):
-        return self.emu.gated_activation_backward(grad, h, activation)
-
-    def capacity_reroute(self, expert_ids, keys, capacity):
-        return self.emu.capacity_reroute(expert_ids, keys, capacity)
-
-    # Only the grouped GEMM's handwritten kernels are emulated (not CUTLASS): these run the path a GPU
-    # takes for fp64 and for 16-bit rows or data off 16-byte alignment, whatever the arguments.
-    def grouped_gemm(self, a, b, expert_offsets, trans_b=False, bias=None, misaligned=False):
-        return self.emu.grouped_gemm(a, b, expert_offsets, trans_b, bias, misalign=a.element_size() * misaligned)
-
-    def grouped_gemm_wgrad(self, x, y, expert_offsets, misaligned=False):
-        return self.emu.grouped_gemm_wgrad(x, y, expert_offsets, misalign=x.element_size() * misaligned)
+def emulated_kernels():
+    """The "emu" back end: tests/emu/emu_ops.py, with its library built (once per worker, cached on disk
+    under a lock). Only the grouped GEMM's handwritten kernels are emulated, not CUTLASS: its
+    grouped_gemm runs the path a GPU takes for fp64 and for 16-bit rows or data off 16-byte alignment,
+    whatever the arguments."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "emu"))
+    import emu_ops
+    emu_ops.lib()
+    return emu_ops

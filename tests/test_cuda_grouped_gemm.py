@@ -20,6 +20,7 @@ import torch
 
 import moe_ext
 
+import kernel_backends
 from conftest import gpu_only, poison_cuda_allocator
 
 ops = torch.ops.moe_ext
@@ -576,17 +577,12 @@ def test_cuda_core_edge_cases(kern, dtype):
     assert_accurate(out, ref_wgrad(a, y, offs, dtype=torch.float64), ref_wgrad(a, y, offs, dtype=dtype), dtype)
 
 
-def _emulated():
-    import kernel_backends
-    return kernel_backends.EmuKernels().emu
-
-
 @pytest.mark.emu
 def test_bad_offsets_stay_in_bounds_emulated():
     """CUDA cannot check offsets' values without a sync: the kernels clamp each expert's rows to [0, M]
     (an empty range where they decrease), so bad offsets give wrong numbers but never an access out of
     bounds (the emulation's guard bytes and protected pages would fail the call)."""
-    emu = _emulated()
+    emu = kernel_backends.emulated_kernels()
     gen = torch.Generator().manual_seed(12)
     M, E, K, N = 10, 5, 20, 12
     a = randn(M, K, dtype=torch.float64, gen=gen, device="cpu")
@@ -609,7 +605,7 @@ def test_zero_empty_experts_kernel_emulated():
     """The zeroing that follows a CUTLASS wgrad (CUTLASS gets 0x0x0 problems for experts without rows),
     alone: only those experts change, for every element size and unaligned expert sizes. On a GPU,
     test_wgrad checks it behind the CUTLASS kernels."""
-    emu = _emulated()
+    emu = kernel_backends.emulated_kernels()
     offs = torch.tensor([0, 0, 5, 5, 5, 9, 12, 12])  # experts 0, 2, 3, 6 own no rows
     for dtype, (P, Q) in ((torch.float16, (3, 5)), (torch.float32, (8, 16)), (torch.float64, (7, 1)),
                           (torch.bfloat16, (64, 100))):

@@ -40,10 +40,6 @@ def _logits(T, E, dtype, seed=0, scale=2.0):
     return (torch.randn(T, E, generator=_gen(seed)) * scale).to(dtype)
 
 
-def _cuda(args):
-    return [a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args]
-
-
 def _gating_both(kern, logits, k, **kw):
     return ops.topk_gating(logits, k, **kw), kern.topk_gating(logits, k, **kw)
 

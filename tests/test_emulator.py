@@ -15,20 +15,18 @@ division (activation.cu) and nvcc's FMA contraction where it is on (gemm/grouped
 are compared within tolerance.
 """
 import ctypes
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "emu"))
-import emu_ops  # noqa: E402
+from kernel_backends import emulated_kernels
 
 pytestmark = pytest.mark.emu
 
 
 # ---------------------------------------------------------------- the emulation's own checks
 def _selftest(which, n=64, threads=64, seed=1):
+    emu_ops = emulated_kernels()
     emu_ops.set_seed(seed)
     launch = emu_ops.Launch()
     out = launch.empty("out", (n,), torch.int32)
@@ -37,13 +35,14 @@ def _selftest(which, n=64, threads=64, seed=1):
 
 
 def test_emulator_selftest():
+    emu_ops = emulated_kernels()
     expected = (torch.arange(64, dtype=torch.int32) + 32) % 64
     for seed in range(1, 6):
         assert torch.equal(_selftest(1, seed=seed), expected)  # with the barrier: always right
     # without it, warp 0 reads warp 1's slots before or after they are written, by seed
     racy = [_selftest(0, seed=seed) for seed in range(1, 6)]
     assert any(not torch.equal(r, expected) for r in racy)
-    poison = int(torch.tensor(0xA5A5A5A5, dtype=torch.int64).to(torch.int32))
+    poison = int.from_bytes(bytes([emu_ops.POISON]) * 4, "little", signed=True)
     assert any((r == poison).any() for r in racy)
     with pytest.raises(emu_ops.EmuError, match=r"__shfl_sync with the full mask, but lanes of the warp have exited"):
         _selftest(2)

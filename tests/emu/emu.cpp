@@ -1,7 +1,8 @@
 // The fiber scheduler behind emu.h: one launch at a time, one block at a time, one fiber per CUDA
 // thread. On x86-64 fibers switch with six register pushes (swapcontext's signal-mask system call
-// made it most of the emulation's time); elsewhere with ucontext. Errors (a broken collective, a deadlock, a bad launch) stop the
-// launch; cudaGetLastError returns its code and emu_last_error() its message.
+// made it most of the emulation's time); elsewhere with ucontext. Errors (a broken collective, a
+// deadlock, a bad launch) stop the launch; cudaGetLastError returns its code and emu_last_message()
+// its message.
 #include "emu.h"
 
 #include <sys/mman.h>
@@ -70,9 +71,8 @@ struct Thread {
   char* stack = nullptr;
   State state = State::kDone;
   uint3 idx;
-  // the collective this thread waits at
+  // the collective this thread waits at (warp_collective refuses partial masks)
   Op op = Op::kSyncwarp;
-  unsigned mask = 0;
   uint64_t value = 0;
   int arg = 0;
   uint64_t result = 0;
@@ -338,7 +338,6 @@ uint64_t warp_collective(Op op, unsigned mask, uint64_t value, int arg) {
   if (mask != 0xffffffffu) fail("only full-mask warp collectives are emulated");
   Thread& t = rt.threads[rt.current];
   t.op = op;
-  t.mask = mask;
   t.value = value;
   t.arg = arg;
   t.state = State::kAtWarp;

@@ -1,5 +1,5 @@
 // A CPU emulation of the CUDA execution model, enough to run moe_ext's handwritten kernels without a
-// GPU (tests/test_emulated_kernels.py). Every CUDA thread is a fiber; a block's fibers run one at a time,
+// GPU (tests/kernel_backends.py's "emu" back end; test_emulator.py checks its reports). Every CUDA thread is a fiber; a block's fibers run one at a time,
 // each until its next synchronisation point (a warp collective, __syncwarp or __syncthreads), in an
 // order drawn from a seeded generator, so a missing barrier shows up as a result that changes with the
 // seed. What it checks beyond the results:
@@ -264,21 +264,22 @@ inline float bf16_bits_to_float(uint16_t b) { return from_bits<float>(uint32_t(b
 }  // namespace emu
 
 // Conversions only: the kernels compute in float (AccOf) and never in 16-bit arithmetic.
-struct __half {
+namespace emu {
+template <uint16_t (*Encode)(float), float (*Decode)(uint16_t)>
+struct Bits16 {
   uint16_t bits;
-  __half() = default;
-  __half(float f) : bits(emu::float_to_half_bits(f)) {}
-  __half(double f) : bits(emu::float_to_half_bits(static_cast<float>(f))) {}
-  __half(int f) : bits(emu::float_to_half_bits(static_cast<float>(f))) {}
-  operator float() const { return emu::half_bits_to_float(bits); }
+  Bits16() = default;
+  Bits16(float f) : bits(Encode(f)) {}
+  Bits16(double f) : Bits16(static_cast<float>(f)) {}
+  Bits16(int f) : Bits16(static_cast<float>(f)) {}
+  operator float() const { return Decode(bits); }
 };
-struct __nv_bfloat16 {
-  uint16_t bits;
-  __nv_bfloat16() = default;
-  __nv_bfloat16(float f) : bits(emu::float_to_bf16_bits(f)) {}
-  __nv_bfloat16(double f) : bits(emu::float_to_bf16_bits(static_cast<float>(f))) {}
-  __nv_bfloat16(int f) : bits(emu::float_to_bf16_bits(static_cast<float>(f))) {}
-  operator float() const { return emu::bf16_bits_to_float(bits); }
+}  // namespace emu
+struct __half : emu::Bits16<emu::float_to_half_bits, emu::half_bits_to_float> {
+  using Bits16::Bits16;
+};
+struct __nv_bfloat16 : emu::Bits16<emu::float_to_bf16_bits, emu::bf16_bits_to_float> {
+  using Bits16::Bits16;
 };
 inline __half __float2half_rn(float f) { return __half(f); }
 inline float __half2float(__half h) { return float(h); }

@@ -37,17 +37,17 @@ FLAGS = ["-std=c++20", "-O1", "-g0", "-fPIC", "-ffp-contract=off", "-D__CUDA_ARC
          "-Wno-attributes", "-Wno-unused-variable", "-Wno-unused-function"]
 
 
-def _balanced(text: str, i: int, open_: str = "(", close: str = ")") -> int:
-    """Index just past the bracket that closes the one at text[i]."""
+def _balanced(text: str, i: int) -> int:
+    """Index just past the parenthesis that closes the one at text[i]."""
     depth = 0
     for j in range(i, len(text)):
-        if text[j] == open_:
+        if text[j] == "(":
             depth += 1
-        elif text[j] == close:
+        elif text[j] == ")":
             depth -= 1
             if depth == 0:
                 return j + 1
-    raise ValueError(f"unbalanced {open_} at {i}")
+    raise ValueError(f"unbalanced ( at {i}")
 
 
 def _split_top(args: str) -> list[str]:

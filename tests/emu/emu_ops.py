@@ -1,7 +1,9 @@
-"""The CUDA ops of moe_ext run on the CPU through the CUDA emulation (emu.h, emu_build.py).
+"""The CUDA ops of moe_ext run on the CPU through the CUDA emulation (emu.h, emu_build.py): the "emu"
+back end of the `kern` fixture (tests/kernel_backends.py), CPU tensors in and out.
 
 Each function mirrors its torch glue in csrc/cuda/*_cuda.cpp (the same outputs, workspace sizes and
-launcher calls) with CPU tensors standing in for device memory. Every buffer a kernel sees is a
+launcher calls) with CPU tensors standing in for device memory; `misaligned` puts its data buffers
+one element past a 16-byte boundary. Every buffer a kernel sees is a
 `Guarded` allocation:
   - outputs and workspaces start filled with a poison byte, as cudaMalloc'd memory holds garbage,
     so a kernel that leaves an element unwritten (or relies on zeroed memory) shows in the results;
@@ -13,6 +15,7 @@ Inputs are not validated here: tests call the CPU op first, which shares its che
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import sys
 from pathlib import Path
@@ -22,6 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import emu_build  # noqa: E402
 
+emulated = True
+SEEDS = (1, 2)  # the scheduling orders schedules() runs
 PAGE = mmap.PAGESIZE
 GUARD = 64
 POISON = 0xA5
@@ -57,6 +62,20 @@ def set_seed(seed: int) -> None:
     lib().emu_set_seed(ctypes.c_uint64(seed))
 
 
+def schedules():
+    """Each scheduling order in turn: a missing barrier or a race changes the results between them."""
+    try:
+        for seed in SEEDS:
+            set_seed(seed)
+            yield seed
+    finally:
+        set_seed(SEEDS[0])
+
+
+def poison():
+    """Nothing to do: every emulated output starts as poison (the GPU back end poisons its allocator)."""
+
+
 class Guarded:
     """`nbytes` of memory for a kernel, 16-byte aligned plus `misalign` bytes, between guard bytes
     and just before an inaccessible page."""
@@ -78,10 +97,6 @@ class Guarded:
         self.data_bytes = self.raw[self.offset:self.offset + nbytes]
         self.data_bytes.fill_(POISON)
 
-    @property
-    def ptr(self) -> int:
-        return self.base + self.offset
-
     def guards_intact(self) -> bool:
         lo = self.raw[max(0, self.offset - GUARD):self.offset]
         hi = self.raw[self.offset + self.nbytes:]
@@ -94,19 +109,17 @@ class Launch:
     def __init__(self):
         self.buffers: list[tuple[str, Guarded]] = []
 
-    def empty(self, name, shape, dtype, misalign=0) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
+    def empty(self, name, shape, dtype, misaligned=False) -> torch.Tensor:
+        n = math.prod(shape)
         elem = torch.empty((), dtype=dtype).element_size()
-        g = Guarded(max(n * elem, 0), misalign)
+        g = Guarded(n * elem, elem if misaligned else 0)
         self.buffers.append((name, g))
         if n == 0:
             return torch.empty(shape, dtype=dtype)
         return g.data_bytes.view(dtype).view(shape)
 
-    def input(self, name, t: torch.Tensor, misalign=0) -> torch.Tensor:
-        out = self.empty(name, tuple(t.shape), t.dtype, misalign)
+    def input(self, name, t: torch.Tensor, misaligned=False) -> torch.Tensor:
+        out = self.empty(name, tuple(t.shape), t.dtype, misaligned)
         out.copy_(t)
         return out
 
@@ -181,17 +194,17 @@ def topk_gating_backward(grad_weights, grad_score_sum, grad_lse, logits, expert_
     return grad_logits.clone()
 
 
-def permute(x, expert_ids, num_experts, max_rows=-1, misalign=0):
+def permute(x, expert_ids, num_experts, max_rows=-1, misaligned=False):
     T, H = x.shape
     k = expert_ids.shape[1]
     slots = T * k
     R = slots if max_rows < 0 else max_rows
     L = Launch()
-    xs = L.input("x", x.contiguous(), misalign)
+    xs = L.input("x", x.contiguous(), misaligned)
     ids = L.input("expert_ids", expert_ids.contiguous())
     offsets = L.empty("expert_offsets", (num_experts + 1,), torch.int64)
     row_map = L.empty("row_map", (T, k), torch.int64)
-    x_sorted = L.empty("x_sorted", (R, H), x.dtype, misalign)
+    x_sorted = L.empty("x_sorted", (R, H), x.dtype, misaligned)
     if slots == 0:
         return torch.zeros(R, H, dtype=x.dtype), torch.zeros(num_experts + 1, dtype=torch.int64), row_map.clone()
     ws = L.workspace(lib().emu_permute_workspace_bytes(_i(slots), _i(num_experts)))
@@ -201,13 +214,13 @@ def permute(x, expert_ids, num_experts, max_rows=-1, misalign=0):
     return x_sorted.clone(), offsets.clone(), row_map.clone()
 
 
-def unpermute(y_sorted, row_map, weights=None, misalign=0):
+def unpermute(y_sorted, row_map, weights=None, misaligned=False):
     T, k = row_map.shape
     R, H = y_sorted.shape
     L = Launch()
-    ys = L.input("y_sorted", y_sorted.contiguous(), misalign)
+    ys = L.input("y_sorted", y_sorted.contiguous(), misaligned)
     rm = L.input("row_map", row_map.contiguous())
-    y = L.empty("y", (T, H), y_sorted.dtype, misalign)
+    y = L.empty("y", (T, H), y_sorted.dtype, misaligned)
     if T == 0 or H == 0:
         return y.clone()
     w = L.input("weights", weights.to(_acc(y_sorted.dtype)).contiguous()) if weights is not None else None
@@ -235,12 +248,12 @@ def unpermute_backward(grad_y, y_sorted, row_map, weights):
     return grad_ys.clone(), (gw.to(weights.dtype) if gw is not None else torch.empty(0, dtype=y_sorted.dtype))
 
 
-def gated_activation(h, activation="silu", misalign=0):
+def gated_activation(h, activation="silu", misaligned=False):
     M, F2 = h.shape
     F = F2 // 2
     L = Launch()
-    hh = L.input("h", h.contiguous(), misalign)
-    out = L.empty("out", (M, F), h.dtype, misalign)
+    hh = L.input("h", h.contiguous(), misaligned)
+    out = L.empty("out", (M, F), h.dtype, misaligned)
     if M == 0 or F == 0:
         return out.clone()
     L.call(lib().emu_gated_activation, DTYPE_CODE[h.dtype], ACT[activation], _p(hh), _p(out), _i(M), _i(F))
@@ -278,17 +291,17 @@ def capacity_reroute(expert_ids, keys, capacity):
 FORM = {"nn": 0, "nt": 1, "wgrad": 2}
 
 
-def grouped_gemm(a, b, expert_offsets, trans_b=False, bias=None, misalign=0):
+def grouped_gemm(a, b, expert_offsets, trans_b=False, bias=None, misaligned=False):
     """grouped_gemm_cuda's path when CUTLASS does not take the call: prefill, then the CUDA-core kernel."""
     M, K = a.shape
     E = b.shape[0]
     N = b.shape[1] if trans_b else b.shape[2]
     L = Launch()
-    c = L.empty("c", (M, N), a.dtype, misalign)
+    c = L.empty("c", (M, N), a.dtype, misaligned)
     if M == 0 or N == 0:
         return c.clone()
-    aa = L.input("a", a.contiguous(), misalign)
-    bb = L.input("b", b.contiguous(), misalign)
+    aa = L.input("a", a.contiguous(), misaligned)
+    bb = L.input("b", b.contiguous(), misaligned)
     offs = L.input("expert_offsets", expert_offsets.contiguous())
     bias_c = L.input("bias", bias.contiguous()) if bias is not None else None
     prefill = (_p(c), _p(bias_c), _p(offs), _i(E), _i(M), _i(N), a.element_size())
@@ -303,19 +316,19 @@ def grouped_gemm(a, b, expert_offsets, trans_b=False, bias=None, misalign=0):
     return c.clone()
 
 
-def grouped_gemm_wgrad(x, y, expert_offsets, misalign=0):
+def grouped_gemm_wgrad(x, y, expert_offsets, misaligned=False):
     """grouped_gemm_wgrad_cuda's path when CUTLASS does not take the call: the CUDA-core kernel alone."""
     M, P = x.shape
     Q = y.shape[1]
     E = expert_offsets.shape[0] - 1
     L = Launch()
-    out = L.empty("out", (E, P, Q), x.dtype, misalign)
+    out = L.empty("out", (E, P, Q), x.dtype, misaligned)
     if out.numel() == 0:
         return out.clone()
     if M == 0:
         return torch.zeros(E, P, Q, dtype=x.dtype)
-    xx = L.input("x", x.contiguous(), misalign)
-    yy = L.input("y", y.contiguous(), misalign)
+    xx = L.input("x", x.contiguous(), misaligned)
+    yy = L.input("y", y.contiguous(), misaligned)
     offs = L.input("expert_offsets", expert_offsets.contiguous())
     L.call(lib().emu_grouped_gemm_simt, FORM["wgrad"], _p(xx), _p(yy), _p(out), _p(offs), _i(M), _i(P), _i(Q), _i(E),
            0, DTYPE_CODE[x.dtype])

@@ -109,18 +109,9 @@ int emu_grouped_gemm_zero_empty_experts(void* out, const int64_t* offsets, int64
 
 int emu_grouped_gemm_simt(int form, const void* a, const void* b, void* c, const int64_t* offsets, int64_t rows,
                           int64_t dim_in, int64_t dim_out, int64_t E, int accumulate, int dtype) {
-  gemm::GroupedGemmArgs args{};
-  args.form = static_cast<gemm::Form>(form);
-  args.a = a;
-  args.b = b;
-  args.c = c;
-  args.offsets = offsets;
-  args.rows = rows;
-  args.dim_in = dim_in;
-  args.dim_out = dim_out;
-  args.num_experts = E;
-  args.accumulate = accumulate != 0;
-  args.sm_count = kSmCount;
+  const gemm::GroupedGemmArgs args{.form = static_cast<gemm::Form>(form), .a = a, .b = b, .c = c, .offsets = offsets,
+                                   .rows = rows, .dim_in = dim_in, .dim_out = dim_out, .num_experts = E,
+                                   .accumulate = accumulate != 0, .sm_count = kSmCount, .device = 0};
   return gemm::grouped_gemm_simt(args, dtype, nullptr);
 }
 
