@@ -80,6 +80,25 @@ def grouped_gemm(a: Tensor, b: Tensor, expert_offsets: Tensor, trans_b: bool = F
     return _ops.grouped_gemm(a, b, expert_offsets, trans_b, bias)
 
 
+def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
+    """The dtype torch.autocast gives t in a matmul here (bf16 or fp16), or None: autocast is off for
+    t's device, or t is not a floating tensor it casts (fp64 and integers stay as they are)."""
+    dev = t.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return None
+    if not t.is_floating_point() or t.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def _expert_rows(x: Tensor) -> Tensor:
+    """x as the expert GEMMs will read it: in the autocast dtype under torch.autocast. The grouped GEMM
+    casts its inputs itself (csrc/autocast.cpp); casting before permute moves half the bytes through
+    permute and its backward."""
+    dt = _autocast_dtype(x)
+    return x if dt is None else x.to(dt)
+
+
 def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
@@ -159,7 +178,8 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
     transformers' gate_up_proj and vLLM's w1) or [E, F, H] ("silu_no_mul", "gelu_no_mul",
     "relu_no_mul"); w2 [E, H, F]; gating_output [..., E] router logits. Routes each token to its topk
     experts by softmax (or sigmoid) scores, renormalising the chosen weights when renormalize, and
-    returns sum_j weight_j * expert_j(x) shaped like hidden_states.
+    returns sum_j weight_j * expert_j(x) shaped like hidden_states. Under torch.autocast the expert
+    GEMMs run in the autocast dtype, as does the result (docs/ops.md, "Mixed precision").
     """
     H = hidden_states.shape[-1]
     x = hidden_states.reshape(-1, H)
@@ -170,6 +190,6 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
     E, _ = check_expert_weights(w1, w2, activation, H, logits.shape[1])
     g = topk_gating(logits, topk, score_func=score_func, renormalize=renormalize, expert_bias=expert_bias,
                     num_groups=num_expert_group, topk_groups=topk_group, routed_scaling=routed_scaling_factor)
-    x_sorted, offsets, row_map = permute(x, g.expert_ids, E)
+    x_sorted, offsets, row_map = permute(_expert_rows(x), g.expert_ids, E)
     y_sorted = expert_ffn(x_sorted, offsets, w1, w2, activation, w1_bias, w2_bias)
     return unpermute(y_sorted, row_map, g.weights).reshape(hidden_states.shape)

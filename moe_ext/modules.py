@@ -24,7 +24,7 @@ def _uniform_(t: Tensor, fan_in: int) -> Tensor:
 
 
 class Router(nn.Module):
-    """Linear router without bias: x [..., H] -> logits [..., E].
+    """Linear router without bias: x [..., H] -> logits [..., E] (fp32 under torch.autocast).
 
     expert_bias=True registers .expert_bias [E], a float32 buffer of zeros added to the scores for
     the top-k selection only (DeepSeek-V3's auxiliary-loss-free balancing; update it with
@@ -50,6 +50,13 @@ class Router(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        if MF._autocast_dtype(x) is not None:
+            # Selective precision (Switch Transformer, section 2.4): under autocast the router still
+            # computes in fp32. bf16 keeps 8 significant bits: logits within about 1/128 of each other
+            # can round to a tie, which changes the chosen experts, and the z-loss coarsens. The router
+            # is only E columns wide, so fp32 costs little.
+            with torch.autocast(x.device.type, enabled=False):
+                return nn.functional.linear(x.float(), self.weight.float())
         return nn.functional.linear(x, self.weight)
 
 
@@ -189,7 +196,7 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, shape[-1])
         T = x.shape[0]
         logits, weights, ids, max_rows, tokens_chosen, score_sum, lse = self.route(x)
-        x_sorted, offsets, row_map = MF.permute(x, ids, self.num_experts, max_rows)
+        x_sorted, offsets, row_map = MF.permute(MF._expert_rows(x), ids, self.num_experts, max_rows)
         y = MF.unpermute(self.experts(x_sorted, offsets), row_map, weights)
         if self.shared_experts is not None:
             y = y + self._shared(x)

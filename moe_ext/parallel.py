@@ -172,8 +172,9 @@ class ExpertParallelMoELayer(nn.Module):
         W, El, E = self.ep_size, self.num_local_experts, self.num_experts
         logits, weights, ids, max_rows, tokens_chosen, score_sum, lse = self.route(x)
 
-        # Rows grouped by global expert = grouped by destination rank (contiguous expert ranges).
-        x_sorted, offsets, row_map = MF.permute(x, ids, E, max_rows)
+        # Rows grouped by global expert = grouped by destination rank (contiguous expert ranges); under
+        # autocast in its dtype, which halves the bytes the all-to-alls move.
+        x_sorted, offsets, row_map = MF.permute(MF._expert_rows(x), ids, E, max_rows)
         counts = offsets[1:] - offsets[:-1]  # [E] int64, on the device
         recv_counts = torch.empty_like(counts)  # [W * E_l]: rows from source s for local expert e at s*E_l+e
         _timed(self.comm_stats, "comm_s",
@@ -202,12 +203,11 @@ class ExpertParallelMoELayer(nn.Module):
 
         self._record(T, logits, offsets, tokens_chosen, score_sum, lse)
         self.last_stats["tokens_per_local_expert"] = (local_offsets[1:] - local_offsets[:-1]).to(torch.int32)
-        row_bytes = H * x.element_size()
         me = self.ep_rank
         self.last_comm = {
             "dispatch_rows_sent": n_send - send_splits[me], "combine_rows_sent": n_recv - recv_splits[me],
-            "dispatch_bytes_sent": (n_send - send_splits[me]) * row_bytes,
-            "combine_bytes_sent": (n_recv - recv_splits[me]) * row_bytes,
+            "dispatch_bytes_sent": (n_send - send_splits[me]) * H * x_sorted.element_size(),
+            "combine_bytes_sent": (n_recv - recv_splits[me]) * H * y_recv.element_size(),
             "send_splits": send_splits, "recv_splits": recv_splits,
         }
         return y.reshape(shape)

@@ -136,6 +136,24 @@ def test_register_matches_grouped_mm_bfloat16():
     torch.testing.assert_close(la.float(), lb.float(), atol=0.1, rtol=0.05)
 
 
+def test_register_under_autocast_runs_experts_in_bfloat16(monkeypatch):
+    """An fp32 model under torch.autocast: the experts run in bf16, as transformers' eager experts
+    (nn.functional.linear) do, and the logits agree with eager's to bf16 precision."""
+    dtypes = []
+    real = moe_ext.functional.grouped_gemm
+    monkeypatch.setattr(moe_ext.functional, "grouped_gemm",
+                        lambda *a, **k: (lambda out: dtypes.append(out.dtype) or out)(real(*a, **k)))
+    ref = _build("qwen3_moe", "eager", torch.float32)
+    ours = _build("qwen3_moe", "moe_ext", torch.float32, ref.state_dict())
+    ids = _ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        la, ga = _run(ours, ids)
+        lb, gb = _run(ref, ids)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    torch.testing.assert_close(la.float(), lb.float(), atol=0.1, rtol=0.05)
+    assert set(ga) == set(gb) and all(g.dtype == torch.float32 for g in ga.values())
+
+
 # Routing in the replaced blocks is moe_ext.topk_gating in fp32 (transformers routes in fp32 too, even for
 # float64 models): the scores can differ from torch.softmax/sigmoid by an ulp of fp32, so the comparison is at
 # fp32 precision even in float64; the selections are identical.

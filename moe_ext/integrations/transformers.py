@@ -66,7 +66,8 @@ def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index:
     if getattr(self, "_is_expert_parallel", False):
         # EP sentinels (ids >= E: experts held by another rank) become dropped slots (-1): no compute.
         ids = torch.where((ids >= 0) & (ids < E), ids, torch.full_like(ids, -1))
-    x = hidden_states.to(w_in.dtype)  # autocast-style inputs (as transformers' grouped_mm path does)
+    # The weights' dtype (as transformers' grouped_mm path does), or the autocast one under torch.autocast.
+    x = hidden_states.to(MF._autocast_dtype(hidden_states) or w_in.dtype)
     x_sorted, offsets, row_map = MF.permute(x, ids, E)
     h = MF.grouped_gemm(x_sorted, w_in, offsets, trans_b=not transposed, bias=b_in)
     if has_gate:
