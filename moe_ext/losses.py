@@ -8,6 +8,9 @@ Load-balancing loss (Switch Transformer, GShard):  E * sum_e f_e * P_e
 z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
 Both differentiate back to the router logits through score_sum and lse (f_e is a count: no gradient).
 """
+from typing import Union
+
+import torch
 from torch import Tensor
 
 
@@ -26,3 +29,30 @@ def z_loss(lse: Tensor) -> Tensor:
     if lse.numel() == 0:
         return lse.sum() * 0.0
     return (lse * lse).mean()
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, output, aux_loss, grad_scale):
+        ctx.aux_meta = (aux_loss.shape, aux_loss.dtype, aux_loss.device)
+        ctx.grad_scale = grad_scale
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        shape, dtype, device = ctx.aux_meta
+        return grad_output, torch.ones(shape, dtype=dtype, device=device) * ctx.grad_scale, None
+
+
+def attach_aux_loss(output: Tensor, aux_loss: Tensor, grad_scale: Union[float, Tensor] = 1.0) -> Tensor:
+    """output itself, carrying aux_loss's gradient: the backward of any loss that depends on the
+    returned tensor also backpropagates grad_scale * d(aux_loss), as if aux_loss had been added to
+    that loss (Megatron-LM's MoEAuxLossAutoScaler).
+
+    For training set-ups where a side output of a layer never reaches the loss: torch.utils.checkpoint
+    with use_reentrant=True (its forward runs without autograd and the recomputation's aux loss is never
+    differentiated), pipeline schedules. grad_scale: the factor the main loss is multiplied by before
+    its backward (a GradScaler's scale, 1 / gradient-accumulation steps), which this gradient does not
+    pass through. Adding aux_loss to the loss as well would count it twice.
+    """
+    return _AttachAuxLoss.apply(output, aux_loss, grad_scale)

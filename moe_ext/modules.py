@@ -8,13 +8,14 @@ Parameter layout (the names outside code relies on):
   router.expert_bias [E] fp32 buffer when expert_bias=True (DeepSeek-V3; selection only).
 """
 import math
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as MF
-from .losses import load_balancing_loss, z_loss
+from .losses import attach_aux_loss, load_balancing_loss, z_loss
 from .routing import apply_capacity, expert_choice
 
 
@@ -115,7 +116,10 @@ class MoELayer(nn.Module):
     by sigmoid(x @ shared_expert_gate.weight^T) per token (Qwen2-MoE; Linear(H, 1) without bias).
     After each forward: .aux_loss (aux_loss_coef * load-balancing loss + z_loss_coef * z-loss, a
     differentiable scalar) and .last_stats {"tokens_per_expert", "drop_fraction", "router_entropy"}
-    (docs/routing.md says how to read them). Presets: moe_ext.presets.
+    (docs/routing.md says how to read them). attach_aux_loss=True: the aux loss's gradient rides on the
+    output's backward instead (moe_ext.losses.attach_aux_loss, scaled by .aux_loss_grad_scale, default
+    1.0) and .aux_loss is detached, for logging only; use it under reentrant activation checkpointing or
+    pipeline schedules, where .aux_loss never reaches the loss. Presets: moe_ext.presets.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *, activation: str = "silu",
@@ -124,7 +128,7 @@ class MoELayer(nn.Module):
                  num_shared_experts: int = 0, jitter_eps: float = 0.0, aux_loss_coef: float = 0.0,
                  z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
                  routed_scaling_factor: float = 1.0, expert_bias: bool = False, shared_expert_gate: bool = False,
-                 shared_d_ff: Optional[int] = None, device=None, dtype=None):
+                 shared_d_ff: Optional[int] = None, attach_aux_loss: bool = False, device=None, dtype=None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"moe_ext.MoELayer: top_k must be in [1, num_experts] = [1, {num_experts}], got {top_k}")
@@ -146,6 +150,7 @@ class MoELayer(nn.Module):
         self.jitter_eps, self.aux_loss_coef, self.z_loss_coef = jitter_eps, aux_loss_coef, z_loss_coef
         self.n_group, self.topk_group = n_group or 1, topk_group or 1
         self.routed_scaling_factor = routed_scaling_factor
+        self.attach_aux_loss, self.aux_loss_grad_scale = attach_aux_loss, 1.0
         self.router = Router(d_model, num_experts, device=device, dtype=dtype, expert_bias=expert_bias)
         self.experts = Experts(d_model, d_ff, num_experts, activation, bias, device=device, dtype=dtype)
         self.shared_experts = (SharedExperts(d_model, shared_d_ff or d_ff, num_shared_experts, activation,
@@ -201,7 +206,23 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y = y + self._shared(x)
         self._record(T, logits, offsets, tokens_chosen, score_sum, lse)
-        return y.reshape(shape)
+        return self._with_aux_loss(y, x).reshape(shape)
+
+    def _with_aux_loss(self, y: Tensor, x: Tensor) -> Tensor:
+        """y, carrying the aux loss's gradient when attach_aux_loss; warns when a training forward runs
+        without autograd on inputs that need gradients (reentrant checkpointing), as .aux_loss then has
+        no gradient and adding it to the loss would silently not train the router's balance."""
+        aux = self.aux_loss
+        if getattr(self, "attach_aux_loss", False):
+            self.aux_loss = aux.detach()
+            return attach_aux_loss(y, aux, self.aux_loss_grad_scale) if aux.requires_grad else y
+        if (self.training and (self.aux_loss_coef or self.z_loss_coef) and not torch.is_grad_enabled()
+                and x.requires_grad):
+            warnings.warn("moe_ext.MoELayer: this training forward ran without autograd on inputs that require "
+                          "grad, as under torch.utils.checkpoint(use_reentrant=True): .aux_loss carries no "
+                          "gradient, and the recomputation's aux loss is never differentiated. Use "
+                          "use_reentrant=False, or MoELayer(attach_aux_loss=True).", stacklevel=3)
+        return y
 
     def _shared(self, x: Tensor) -> Tensor:
         """The shared experts' output for x [T, H], gated by sigmoid(shared_expert_gate(x)) when present."""

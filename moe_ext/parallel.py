@@ -139,7 +139,7 @@ class ExpertParallelMoELayer(nn.Module):
         self.local_expert_ids = list(range(lo, hi))
         for name in ("num_experts", "top_k", "score_func", "renormalize", "capacity_factor", "overflow", "routing",
                      "jitter_eps", "aux_loss_coef", "z_loss_coef", "n_group", "topk_group",
-                     "routed_scaling_factor"):
+                     "routed_scaling_factor", "attach_aux_loss", "aux_loss_grad_scale"):
             setattr(self, name, getattr(layer, name))
         self.router = copy.deepcopy(layer.router)
         src = layer.experts
@@ -163,6 +163,7 @@ class ExpertParallelMoELayer(nn.Module):
     route = MoELayer.route
     _shared = MoELayer._shared
     _record = MoELayer._record
+    _with_aux_loss = MoELayer._with_aux_loss
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -210,7 +211,7 @@ class ExpertParallelMoELayer(nn.Module):
             "combine_bytes_sent": (n_recv - recv_splits[me]) * H * y_recv.element_size(),
             "send_splits": send_splits, "recv_splits": recv_splits,
         }
-        return y.reshape(shape)
+        return self._with_aux_loss(y, x).reshape(shape)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, local_expert_ids=[{self.local_expert_ids[0]}..."

@@ -50,6 +50,7 @@ def _check_case(rank, world, c, groups):
     close = dict(atol=2e-2, rtol=2e-2) if c.get("autocast") else dict(atol=1e-12, rtol=1e-10)
     full = _make_layer(c)
     ep = shard_experts(full, groups.ep_group if groups else None)
+    full.attach_aux_loss = False  # the reference adds .aux_loss to its loss; ep may attach it to its output
     ep_size = groups.ep_size if groups else world
     El = c["E"] // ep_size
     ep_rank = dist.get_rank(groups.ep_group) if groups else rank
@@ -137,6 +138,8 @@ def test_expert_parallel_two_ranks_matches_unsharded():
         dict(base, Ts=[6, 9], kw=dict(routing="expert_choice", capacity_factor=1.0)),
         # fp32 parameters under torch.autocast: bf16 rows cross the ranks, fp32 gradients come back.
         dict(base, Ts=[7, 10], kw=dict(bias=True, aux_loss_coef=0.01), autocast=True),
+        # The aux loss attached to the output (reentrant checkpointing): .aux_loss is detached.
+        dict(base, Ts=[4, 8], kw=dict(aux_loss_coef=0.1, z_loss_coef=0.01, attach_aux_loss=True)),
     ]
     # Also: E % world != 0 is a clear error (see test_indivisible_experts_error).
     out = launch(_cases_worker, 2, [(None, cases)], True, timeout_s=TIMEOUT_S)
