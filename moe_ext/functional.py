@@ -10,6 +10,8 @@ device value back to the host.
 import math
 from typing import NamedTuple, Optional
 
+from torch.autograd.function import once_differentiable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,7 +19,7 @@ from torch import Tensor
 _ops = torch.ops.moe_ext
 
 __all__ = ["GatingOutput", "topk_gating", "permute", "unpermute", "grouped_gemm", "fused_moe",
-           "expert_ffn", "apply_activation", "ACTIVATIONS"]
+           "expert_ffn", "permute_expert_ffn", "apply_activation", "ACTIVATIONS"]
 
 
 class GatingOutput(NamedTuple):
@@ -99,6 +101,13 @@ def _expert_rows(x: Tensor) -> Tensor:
     return x if dt is None else x.to(dt)
 
 
+def _layer_output(y: Tensor, shape) -> Tensor:
+    """A layer's own temporary y [T, H] reshaped to its input's shape, as a tensor that is not a view:
+    FSDP2 warns on view outputs (an in-place update of one would skip its pre-backward hook). torch.matmul
+    returns its reshaped results through the same aten._unsafe_view."""
+    return torch.ops.aten._unsafe_view(y, shape)
+
+
 def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
@@ -167,11 +176,94 @@ def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
     return grouped_gemm(h, w2, expert_offsets, trans_b=True, bias=b2)
 
 
+def _activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    """d act / d h for apply_activation(h, activation), as its autograd would compute it (bit for bit)."""
+    if _activation(activation)[1]:
+        return _ops.gated_activation_backward(grad, h, activation)
+    if activation == "relu_no_mul":
+        return torch.ops.aten.threshold_backward(grad, h, 0)
+    if activation == "silu_no_mul":
+        return torch.ops.aten.silu_backward(grad, h)
+    return torch.ops.aten.gelu_backward(grad, h, approximate="tanh" if activation == "gelu_tanh_no_mul" else "none")
+
+
+def _bias_grad(grad: Tensor, offsets: Tensor) -> Tensor:
+    """Per-expert column sums of grad [S, N] -> [E, N], as a K = 1 weight gradient (no atomics)."""
+    return _ops.grouped_gemm_wgrad(grad.new_ones(grad.shape[0], 1), grad, offsets).squeeze(1)
+
+
+class _RecomputedExperts(torch.autograd.Function):
+    """permute, then every expert's FFN, saving x, the routing and h = x_sorted @ w1[e]^T only: the
+    backward recomputes x_sorted (a permute of x, which the router saved anyway) and act(h)."""
+
+    @staticmethod
+    def forward(ctx, x, expert_ids, num_experts, max_rows, w1, w2, b1, b2, activation):
+        x_sorted, offsets, row_map = _ops.permute(x, expert_ids, num_experts, max_rows)
+        h = _ops.grouped_gemm(x_sorted, w1, offsets, True, b1)
+        y = _ops.grouped_gemm(apply_activation(h, activation), w2, offsets, True, b2)
+        ctx.save_for_backward(x, expert_ids, offsets, row_map, h, w1, w2)
+        ctx.args = (num_experts, max_rows, activation)
+        ctx.mark_non_differentiable(offsets, row_map)
+        return y, offsets, row_map
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _offsets, _row_map):
+        x, expert_ids, offsets, row_map, h, w1, w2 = ctx.saved_tensors
+        num_experts, max_rows, activation = ctx.args
+        need_x, _, _, _, need_w1, need_w2, need_b1, need_b2, _ = ctx.needs_input_grad
+        grad_y = grad_y.contiguous()
+        dw1 = dw2 = db1 = db2 = dx = None
+        if need_w2:
+            dw2 = _ops.grouped_gemm_wgrad(grad_y, apply_activation(h, activation), offsets)
+        if need_b2:
+            db2 = _bias_grad(grad_y, offsets)
+        if need_x or need_w1 or need_b1:
+            dh = _activation_backward(_ops.grouped_gemm(grad_y, w2, offsets, False, None), h, activation)
+            if need_w1:
+                x_sorted = _ops.permute(x, expert_ids, num_experts, max_rows)[0]
+                dw1 = _ops.grouped_gemm_wgrad(dh, x_sorted, offsets)
+            if need_b1:
+                db1 = _bias_grad(dh, offsets)
+            if need_x:
+                dx = _ops.unpermute(_ops.grouped_gemm(dh, w1, offsets, False, None), row_map, None)
+        return dx, None, None, None, dw1, dw2, db1, db2, None
+
+
+def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def permute_expert_ffn(x: Tensor, expert_ids: Tensor, num_experts: int, w1: Tensor, w2: Tensor,
+                       activation: str = "silu", b1: Optional[Tensor] = None, b2: Optional[Tensor] = None,
+                       max_rows: int = -1, recompute: bool = False):
+    """permute(x, expert_ids, num_experts, max_rows), then expert_ffn on the grouped rows: returns
+    (y_sorted [R, H], expert_offsets [E+1] int64, row_map [T, k] int64), for unpermute.
+
+    recompute=True saves less for the backward: neither the grouped copy of x ([R, H]) nor the
+    activation ([R, F]) is kept; the backward recomputes them (one permute and one activation pass)
+    from x, the routing and h = x_sorted @ w1[e]^T. The gradients are bit-identical to recompute=False.
+    x [T, H]; the other arguments as in permute and expert_ffn.
+    """
+    if not recompute or not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (x, w1, w2, b1, b2)):
+        x_sorted, offsets, row_map = permute(_expert_rows(x), expert_ids, num_experts, max_rows)
+        return expert_ffn(x_sorted, offsets, w1, w2, activation, b1, b2), offsets, row_map
+    dt = _autocast_dtype(x)
+    # Under autocast the casts happen here, as differentiable ops, so that the backward (which runs
+    # without autocast) sees the dtypes the forward computed in.
+    x, w1, w2, b1, b2 = (_cast(t, dt) for t in (x, w1, w2, b1, b2))
+    _activation(activation)  # a clear error for an unknown name before any work
+    return _RecomputedExperts.apply(x, expert_ids, num_experts, max_rows, w1, w2, b1, b2, activation)
+
+
 def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tensor, topk: int,
               renormalize: bool = True, *, activation: str = "silu", score_func: str = "softmax",
               expert_bias: Optional[Tensor] = None, num_expert_group: int = 1, topk_group: int = 1,
               routed_scaling_factor: float = 1.0, w1_bias: Optional[Tensor] = None,
-              w2_bias: Optional[Tensor] = None) -> Tensor:
+              w2_bias: Optional[Tensor] = None, recompute: bool = False) -> Tensor:
     """Drop-in fused MoE (vLLM's argument order), differentiable in all four tensor inputs.
 
     hidden_states [..., H]; w1 [E, 2F, H] (gated "silu"/"gelu": gate rows then up rows, as in
@@ -180,6 +272,8 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
     experts by softmax (or sigmoid) scores, renormalising the chosen weights when renormalize, and
     returns sum_j weight_j * expert_j(x) shaped like hidden_states. Under torch.autocast the expert
     GEMMs run in the autocast dtype, as does the result (docs/ops.md, "Mixed precision").
+    recompute=True: the backward recomputes the grouped tokens and the activation instead of saving
+    them (permute_expert_ffn).
     """
     H = hidden_states.shape[-1]
     x = hidden_states.reshape(-1, H)
@@ -190,6 +284,6 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
     E, _ = check_expert_weights(w1, w2, activation, H, logits.shape[1])
     g = topk_gating(logits, topk, score_func=score_func, renormalize=renormalize, expert_bias=expert_bias,
                     num_groups=num_expert_group, topk_groups=topk_group, routed_scaling=routed_scaling_factor)
-    x_sorted, offsets, row_map = permute(_expert_rows(x), g.expert_ids, E)
-    y_sorted = expert_ffn(x_sorted, offsets, w1, w2, activation, w1_bias, w2_bias)
+    y_sorted, offsets, row_map = permute_expert_ffn(x, g.expert_ids, E, w1, w2, activation, w1_bias, w2_bias,
+                                                    recompute=recompute)
     return unpermute(y_sorted, row_map, g.weights).reshape(hidden_states.shape)

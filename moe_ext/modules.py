@@ -119,7 +119,9 @@ class MoELayer(nn.Module):
     (docs/routing.md says how to read them). attach_aux_loss=True: the aux loss's gradient rides on the
     output's backward instead (moe_ext.losses.attach_aux_loss, scaled by .aux_loss_grad_scale, default
     1.0) and .aux_loss is detached, for logging only; use it under reentrant activation checkpointing or
-    pipeline schedules, where .aux_loss never reaches the loss. Presets: moe_ext.presets.
+    pipeline schedules, where .aux_loss never reaches the loss. recompute=True: the backward recomputes
+    the grouped tokens [T*k, H] and the experts' activation [T*k, F] instead of saving them
+    (moe_ext.functional.permute_expert_ffn); same gradients, bit for bit. Presets: moe_ext.presets.
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *, activation: str = "silu",
@@ -128,7 +130,8 @@ class MoELayer(nn.Module):
                  num_shared_experts: int = 0, jitter_eps: float = 0.0, aux_loss_coef: float = 0.0,
                  z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
                  routed_scaling_factor: float = 1.0, expert_bias: bool = False, shared_expert_gate: bool = False,
-                 shared_d_ff: Optional[int] = None, attach_aux_loss: bool = False, device=None, dtype=None):
+                 shared_d_ff: Optional[int] = None, attach_aux_loss: bool = False, recompute: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"moe_ext.MoELayer: top_k must be in [1, num_experts] = [1, {num_experts}], got {top_k}")
@@ -151,6 +154,7 @@ class MoELayer(nn.Module):
         self.n_group, self.topk_group = n_group or 1, topk_group or 1
         self.routed_scaling_factor = routed_scaling_factor
         self.attach_aux_loss, self.aux_loss_grad_scale = attach_aux_loss, 1.0
+        self.recompute = recompute
         self.router = Router(d_model, num_experts, device=device, dtype=dtype, expert_bias=expert_bias)
         self.experts = Experts(d_model, d_ff, num_experts, activation, bias, device=device, dtype=dtype)
         self.shared_experts = (SharedExperts(d_model, shared_d_ff or d_ff, num_shared_experts, activation,
@@ -201,12 +205,18 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, shape[-1])
         T = x.shape[0]
         logits, weights, ids, max_rows, tokens_chosen, score_sum, lse = self.route(x)
-        x_sorted, offsets, row_map = MF.permute(MF._expert_rows(x), ids, self.num_experts, max_rows)
-        y = MF.unpermute(self.experts(x_sorted, offsets), row_map, weights)
+        if getattr(self, "recompute", False):
+            ex = self.experts
+            y_sorted, offsets, row_map = MF.permute_expert_ffn(x, ids, self.num_experts, ex.w1, ex.w2, ex.activation,
+                                                               ex.b1, ex.b2, max_rows, recompute=True)
+        else:  # through the Experts module, whose hooks users may rely on
+            x_sorted, offsets, row_map = MF.permute(MF._expert_rows(x), ids, self.num_experts, max_rows)
+            y_sorted = self.experts(x_sorted, offsets)
+        y = MF.unpermute(y_sorted, row_map, weights)
         if self.shared_experts is not None:
             y = y + self._shared(x)
         self._record(T, logits, offsets, tokens_chosen, score_sum, lse)
-        return self._with_aux_loss(y, x).reshape(shape)
+        return MF._layer_output(self._with_aux_loss(y, x), shape)
 
     def _with_aux_loss(self, y: Tensor, x: Tensor) -> Tensor:
         """y, carrying the aux loss's gradient when attach_aux_loss; warns when a training forward runs

@@ -211,7 +211,7 @@ class ExpertParallelMoELayer(nn.Module):
             "combine_bytes_sent": (n_recv - recv_splits[me]) * H * y_recv.element_size(),
             "send_splits": send_splits, "recv_splits": recv_splits,
         }
-        return self._with_aux_loss(y, x).reshape(shape)
+        return MF._layer_output(self._with_aux_loss(y, x), shape)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, local_expert_ids=[{self.local_expert_ids[0]}..."

@@ -1,6 +1,6 @@
-"""Activation checkpointing (torch.utils.checkpoint) around MoELayer, and the aux loss attached to the
-output (moe_ext.losses.attach_aux_loss): the gradients equal those of the plain layer with the aux loss
-added to the loss."""
+"""Activation memory: checkpointing (torch.utils.checkpoint) around MoELayer, the aux loss attached to
+the output (moe_ext.losses.attach_aux_loss), and recompute=True. Each gives the gradients of the plain
+layer with the aux loss added to the loss."""
 import warnings
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import moe_ext
+from moe_ext import functional as MF
 
 KW = dict(aux_loss_coef=0.1, z_loss_coef=0.01, jitter_eps=0.1)  # jitter: RNG replayed by the recomputation
 
@@ -34,10 +35,15 @@ def _plain(layer, x):
     return layer(x)
 
 
-def _assert_same(a, b, scale=1.0):
+def _assert_same(a, b, scale=None):
+    """Same outputs, and the same gradients bit for bit (the same ops on the same values), or b's
+    times scale."""
     torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
     for ga, gb in zip(a[1], b[1]):
-        torch.testing.assert_close(ga, gb * scale)
+        if scale is None:
+            torch.testing.assert_close(ga, gb, atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(ga, gb * scale)
 
 
 @pytest.mark.parametrize("kw", [{}, {"capacity_factor": 0.75}, {"num_shared_experts": 1}])
@@ -90,3 +96,98 @@ def test_attached_aux_loss_compiles():
     layer.attach_aux_loss = False
     (want,) = torch.autograd.grad(layer(x).sum() + layer.aux_loss, layer.router.weight)
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------ recompute=True
+def _layer_pair(**kw):
+    """Two identical fp64 layers, E=7, H=72, k=3; the second recomputes in its backward."""
+    torch.manual_seed(3)
+    plain = moe_ext.MoELayer(72, 40, 7, 3, **kw).double()
+    again = moe_ext.MoELayer(72, 40, 7, 3, recompute=True, **kw).double()
+    again.load_state_dict(plain.state_dict())
+    return plain, again
+
+
+@pytest.mark.parametrize("activation", sorted(MF.ACTIVATIONS))
+@pytest.mark.parametrize("kw", [{}, {"bias": True}, {"capacity_factor": 0.6, "overflow": "reroute"},
+                                {"routing": "expert_choice"}, {"num_shared_experts": 1, "aux_loss_coef": 0.1}])
+def test_recompute_gives_the_same_gradients(activation, kw):
+    plain, again = _layer_pair(activation=activation, **kw)
+    x = torch.randn(3, 9, 72, dtype=torch.float64)
+    _assert_same(_grads(again, x, _plain), _grads(plain, x, _plain))
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct tensors autograd saves while fn runs."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_recompute_saves_the_grouped_tokens_and_the_activation():
+    T, H, Fd, k = 13, 72, 40, 3
+    plain, again = _layer_pair()
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    saved_plain, saved_again = _saved_bytes(lambda: plain(x)), _saved_bytes(lambda: again(x))
+    # x_sorted [T*k, H] and act(h) [T*k, F] are no longer saved; x is saved by the router already.
+    assert saved_plain - saved_again == T * k * (H + Fd) * 8
+
+
+@pytest.mark.parametrize("needs", ["x", "weights", "biases"])
+def test_recompute_with_some_inputs_frozen(needs):
+    T, H, Fd, E, k = 10, 24, 16, 5, 2
+    g = torch.Generator().manual_seed(4)
+    x, w1, w2 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((T, H), (E, 2 * Fd, H), (E, H, Fd)))
+    b1, b2 = torch.randn(E, 2 * Fd, generator=g, dtype=torch.float64), torch.randn(E, H, generator=g, dtype=torch.float64)
+    logits = torch.randn(T, E, generator=g, dtype=torch.float64)
+    leaves = {"x": [x], "weights": [w1, w2], "biases": [b1, b2]}[needs]
+    for t in leaves:
+        t.requires_grad_()
+    outs = [moe_ext.fused_moe(x, w1, w2, logits, k, w1_bias=b1, w2_bias=b2, recompute=r) for r in (False, True)]
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+    gy = torch.randn(T, H, generator=g, dtype=torch.float64)
+    want, got = (torch.autograd.grad(o, leaves, gy) for o in outs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_recompute_gradcheck_and_no_double_backward():
+    T, H, Fd, E, k = 6, 8, 5, 4, 2
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(E, 2 * Fd, H, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(E, H, Fd, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(T, E, dtype=torch.float64)
+    fn = lambda x, w1, w2: moe_ext.fused_moe(x, w1, w2, logits, k, recompute=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w1, w2))
+    (gx,) = torch.autograd.grad(fn(x, w1, w2).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|marked with @once_differentiable"):
+        gx.sum().backward()
+
+
+def test_recompute_under_autocast_and_no_grad():
+    plain, again = moe_ext.MoELayer(32, 24, 5, 2), moe_ext.MoELayer(32, 24, 5, 2, recompute=True)
+    again.load_state_dict(plain.state_dict())
+    x = torch.randn(14, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = _grads(again, x, _plain), _grads(plain, x, _plain)
+    assert got[0].dtype == torch.bfloat16
+    _assert_same(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), plain(x), atol=0, rtol=0)
+
+
+def test_recompute_compiles():
+    torch._dynamo.reset()
+    layer = moe_ext.MoELayer(16, 24, 4, 2, recompute=True, capacity_factor=1.0)
+    x = torch.randn(12, 16, requires_grad=True)
+    y = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(y, layer(x))
+    got = torch.autograd.grad(y.square().sum(), [x, layer.experts.w1, layer.experts.w2])
+    want = torch.autograd.grad(layer(x).square().sum(), [x, layer.experts.w1, layer.experts.w2])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -204,3 +204,40 @@ def test_parallel_bench_runs():
         assert 0 <= r["comm_s"] <= r["step_s"]
     table = parallel_bench.format_table(res)
     assert "comm" in table and len(table.splitlines()) == 3
+
+
+def _fsdp2_worker(rank, world):
+    import warnings
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    c = dict(H=12, F=10, E=4, k=2, Ts=[7, 5], kw=dict(bias=True, aux_loss_coef=0.1, num_shared_experts=1))
+    ref, model = _make_layer(c), _make_layer(c)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))  # every parameter sharded along dim 0
+    want = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    for r in range(world):
+        ref.zero_grad()
+        x, gy = _inputs(r, c)
+        ((ref(x) * gy).sum() + ref.aux_loss).backward()
+        for n, p in ref.named_parameters():
+            want[n] += p.grad / world  # FSDP averages over ranks
+        if r == rank:
+            y_ref = ref(x).detach()
+    x, gy = _inputs(rank, c)
+    x = x.view(1, -1, c["H"])  # batch dims: the output reshaped back must not be a view (FSDP2 warns)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*returned a view tensor")
+        y = model(x)
+    torch.testing.assert_close(y.view_as(y_ref), y_ref, atol=1e-12, rtol=1e-10)
+    ((y.view_as(gy) * gy).sum() + model.aux_loss).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.full_tensor(), want[n], atol=1e-12, rtol=1e-10,
+                                   msg=lambda m: f"rank {rank} grad {n}: {m}")
+    return sorted(n for n, p in model.named_parameters() if type(p).__name__ == "DTensor")
+
+
+def test_fsdp2_fully_shard_matches_unsharded():
+    """torch.distributed.fsdp.fully_shard (FSDP2) over two gloo ranks: the parameters are DTensors sharded
+    along dim 0 (the experts' w1/w2 along E), all-gathered for the forward; the gradients, averaged over the
+    ranks, equal the unsharded layer's."""
+    out = launch(_fsdp2_worker, 2, timeout_s=TIMEOUT_S)
+    assert "experts.w1" in out[0] and "router.weight" in out[0]

@@ -134,13 +134,15 @@ def staged_moe(x, router_w, w1, w2, k, activation="silu", b1=None, b2=None, gati
         return MF.unpermute(y_sorted, row_map, out.weights)
 
 
-def moe_ext_layer(x, router_w, w1, w2, k, activation="silu", b1=None, b2=None, gating=None, expert_bias=None):
+def moe_ext_layer(x, router_w, w1, w2, k, activation="silu", b1=None, b2=None, gating=None, expert_bias=None,
+                  recompute=False):
     """The public path: router GEMM, then moe_ext.fused_moe."""
     g = dict(gating or {})
     return MF.fused_moe(x, w1, w2, F.linear(x, router_w), k, True, activation=activation,
                         score_func=g.get("score_func", "softmax"), expert_bias=expert_bias,
                         num_expert_group=g.get("num_groups", 1), topk_group=g.get("topk_groups", 1),
-                        routed_scaling_factor=g.get("routed_scaling", 1.0), w1_bias=b1, w2_bias=b2)
+                        routed_scaling_factor=g.get("routed_scaling", 1.0), w1_bias=b1, w2_bias=b2,
+                        recompute=recompute)
 
 
 def hf_mixtral_block(H: int, F_: int, E: int, k: int, router_w, w1, w2, implementation: str):

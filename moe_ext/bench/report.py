@@ -68,7 +68,7 @@ def _fmt(v, spec):
 
 
 def table(rows: List[dict]) -> str:
-    head = f"{'case':<44} {'impl':<14} {'ok':<3} {'median_us':>10} {'TFLOP/s':>8} {'GB/s':>8} {'%roof':>6}  speedup"
+    head = f"{'case':<44} {'impl':<17} {'ok':<3} {'median_us':>10} {'TFLOP/s':>8} {'GB/s':>8} {'%roof':>6}  speedup"
     lines = [head, "-" * len(head)]
     last = None
     for r in rows:
@@ -77,7 +77,7 @@ def table(rows: List[dict]) -> str:
             lines.append("")
         ok = {True: "ok", False: "BAD", None: "-"}[r["ok"]]
         sp = " ".join(f"{k}:{v:.2f}x" for k, v in (r.get("speedup") or {}).items())
-        lines.append(f"{case if case != last else '':<44} {r['impl']:<14} {ok:<3} {_fmt(r['median_us'], '10.1f')} "
+        lines.append(f"{case if case != last else '':<44} {r['impl']:<17} {ok:<3} {_fmt(r['median_us'], '10.1f')} "
                      f"{_fmt(r['tflops'], '8.2f')} {_fmt(r['gbps'], '8.1f')} "
                      f"{_fmt(None if r['roofline_frac'] is None else 100 * r['roofline_frac'], '6.1f')}  {sp}"
                      + (f"  [{r['note']}]" if r.get("note") else ""))

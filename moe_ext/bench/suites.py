@@ -352,6 +352,9 @@ def build_layer(case: Case, device: str, ranges: Ranges = NO_RANGES) -> Built:
     if ranges.nvtx:  # the timed moe_ext call carries the NVTX stage ranges (--nsys)
         b.impls["moe_ext"] = wrap(lambda st: B.staged_moe(st["x"], st["rw"], st["w1"], st["w2"], b1=st["b1"],
                                                           b2=st["b2"], ranges=ranges, **kw))
+    if bwd:  # recompute=True: the same forward, a backward that recomputes x_sorted and act(h)
+        b.impls["moe_ext_recompute"] = wrap(lambda st: B.moe_ext_layer(
+            st["x"], st["rw"], st["w1"], st["w2"], b1=st["b1"], b2=st["b2"], recompute=True, **kw))
     b.impls["naive"] = wrap(lambda st: R.naive_moe(st["x"], st["rw"], st["w1"], st["w2"], k, act, st["b1"], st["b2"]))
     semantics = {"naive": {}}
     why = B.grouped_mm_available(device, dt)
@@ -415,7 +418,7 @@ def build_layer(case: Case, device: str, ranges: Ranges = NO_RANGES) -> Built:
             tol = tolerance(dt)
             row = (out[0].double() - ref[0].double()).abs().amax(-1) / ref[0].double().abs().max().clamp_min(1e-30)
             bad = int((~(row <= tol)).sum())  # NaN counts as bad
-            allowed = 0 if name == "moe_ext" else max(1, T // 100)  # baselines: torch.topk ties may pick otherwise
+            allowed = 0 if name.startswith("moe_ext") else max(1, T // 100)  # baselines: torch.topk ties may pick otherwise
             errs = [rel_err(out[0], ref[0])] + [rel_err(o, r) for o, r in zip(out[1:], ref[1:])]
             ok = bad <= allowed and (bad > 0 or all(e <= tolerance(dt, grad=True) for e in errs[1:]))
             note = (f"{bad}/{T} rows off (routing ties)" if bad else "") + \
