@@ -5,6 +5,7 @@ import torch
 
 import moe_ext
 from moe_ext import reference as R
+from conftest import _NO_GPU
 
 
 def make_weights(E, F, H, gated=True, dtype=torch.float64):
@@ -261,4 +262,28 @@ def test_cpu_results_do_not_depend_on_thread_count():
     finally:
         torch.set_num_threads(before)
     for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _NO_GPU])])
+@pytest.mark.parametrize("kw", [{}, {"capacity_factor": 0.75, "overflow": "reroute", "num_shared_experts": 1},
+                                {"routing": "expert_choice"}, {"recompute": True, "bias": True}])
+def test_layer_under_use_deterministic_algorithms(device, kw, monkeypatch):
+    """torch.use_deterministic_algorithms(True) raises on any op with a nondeterministic kernel: none is
+    on the layer's path, forward or backward, and two runs give the same bits."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what torch asks of its own CUDA matmuls
+    torch.manual_seed(0)
+    layer = moe_ext.MoELayer(72, 40, 7, 3, aux_loss_coef=0.01, z_loss_coef=0.001, **kw).to(device)
+    x = torch.randn(2, 50, 72, device=device, requires_grad=True)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            y = layer(x)
+            loss = y.square().sum() + layer.aux_loss
+            runs.append([y, *torch.autograd.grad(loss, [x, *layer.parameters()])])
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(*runs):
         assert torch.equal(a, b)
