@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_ext
 from moe_ext import functional as MF
+from conftest import _NO_GPU
 
 KW = dict(aux_loss_coef=0.1, z_loss_coef=0.01, jitter_eps=0.1)  # jitter: RNG replayed by the recomputation
 
@@ -24,7 +25,7 @@ def _grads(layer, x, run, add_aux=True, loss_scale=1.0):
     torch.manual_seed(5)
     y = run(layer, x)
     g = torch.Generator().manual_seed(7)
-    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype).to(y.device)).sum()
     if add_aux:
         loss = loss + layer.aux_loss
     (loss * loss_scale).backward()
@@ -169,11 +170,12 @@ def test_recompute_gradcheck_and_no_double_backward():
         gx.sum().backward()
 
 
-def test_recompute_under_autocast_and_no_grad():
-    plain, again = moe_ext.MoELayer(32, 24, 5, 2), moe_ext.MoELayer(32, 24, 5, 2, recompute=True)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _NO_GPU])])
+def test_recompute_under_autocast_and_no_grad(device):
+    plain, again = moe_ext.MoELayer(64, 48, 5, 2).to(device), moe_ext.MoELayer(64, 48, 5, 2, recompute=True).to(device)
     again.load_state_dict(plain.state_dict())
-    x = torch.randn(14, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(14, 64, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         got, want = _grads(again, x, _plain), _grads(plain, x, _plain)
     assert got[0].dtype == torch.bfloat16
     _assert_same(got, want)
