@@ -247,6 +247,7 @@ def permute_expert_ffn(x: Tensor, expert_ids: Tensor, num_experts: int, w1: Tens
     from x, the routing and h = x_sorted @ w1[e]^T. The gradients are bit-identical to recompute=False.
     x [T, H]; the other arguments as in permute and expert_ffn.
     """
+    check_expert_weights(w1, w2, activation, x.shape[-1], num_experts)
     if not recompute or not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, w1, w2, b1, b2)):
         x_sorted, offsets, row_map = permute(_expert_rows(x), expert_ids, num_experts, max_rows)
@@ -255,7 +256,6 @@ def permute_expert_ffn(x: Tensor, expert_ids: Tensor, num_experts: int, w1: Tens
     # Under autocast the casts happen here, as differentiable ops, so that the backward (which runs
     # without autocast) sees the dtypes the forward computed in.
     x, w1, w2, b1, b2 = (_cast(t, dt) for t in (x, w1, w2, b1, b2))
-    _activation(activation)  # a clear error for an unknown name before any work
     return _RecomputedExperts.apply(x, expert_ids, num_experts, max_rows, w1, w2, b1, b2, activation)
 
 

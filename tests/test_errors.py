@@ -107,6 +107,16 @@ def test_fused_moe_weight_shapes():
         moe_ext.fused_moe(x, torch.randn(3, 6, 8), torch.randn(3, 8, 3), lg, 2)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_permute_expert_ffn_weight_shapes(recompute):
+    x, ids = torch.randn(5, 8, requires_grad=True), torch.zeros(5, 2, dtype=torch.int32)
+    w1 = torch.randn(4, 12, 8, requires_grad=True)
+    with pytest.raises(ValueError, match=r"w2 must be \[E, H, F\] = \[4, 8, 6\] .* got w2 \(4, 8, 5\)"):
+        moe_ext.functional.permute_expert_ffn(x, ids, 4, w1, torch.randn(4, 8, 5), recompute=recompute)
+    with pytest.raises(ValueError, match=r"w1 must hold E = 3 experts"):
+        moe_ext.functional.permute_expert_ffn(x, ids, 3, w1, torch.randn(4, 8, 6), recompute=recompute)
+
+
 def test_layer_arguments():
     with pytest.raises(ValueError, match=r"top_k must be in \[1, num_experts\] = \[1, 4\], got 5"):
         moe_ext.MoELayer(8, 16, 4, 5)
