@@ -139,7 +139,7 @@ class ExpertParallelMoELayer(nn.Module):
         self.local_expert_ids = list(range(lo, hi))
         for name in ("num_experts", "top_k", "score_func", "renormalize", "capacity_factor", "overflow", "routing",
                      "jitter_eps", "aux_loss_coef", "z_loss_coef", "n_group", "topk_group",
-                     "routed_scaling_factor", "attach_aux_loss", "aux_loss_grad_scale"):
+                     "routed_scaling_factor", "attach_aux_loss", "aux_loss_grad_scale", "recompute"):
             setattr(self, name, getattr(layer, name))
         self.router = copy.deepcopy(layer.router)
         src = layer.experts
@@ -186,7 +186,17 @@ class ExpertParallelMoELayer(nn.Module):
         n_send, n_recv = sum(send_splits), sum(recv_splits)
 
         recv = all_to_all(x_sorted[:n_send], recv_splits, send_splits, self.group, self.comm_stats)
-        if El > 1 and W > 1:
+        if getattr(self, "recompute", False):
+            # The local experts through permute_expert_ffn, whose backward recomputes their grouped
+            # rows and activation (MoELayer(recompute=True)); with one local expert the regrouping is
+            # the identity, a copy the default path below avoids.
+            local_ids = torch.arange(El, device=x.device).repeat(W)
+            local_ids = torch.repeat_interleave(local_ids, recv_counts, output_size=n_recv)
+            ex = self.experts
+            y_local, local_offsets, local_map = MF.permute_expert_ffn(
+                recv, local_ids.view(-1, 1), El, ex.w1, ex.w2, ex.activation, ex.b1, ex.b2, recompute=True)
+            y_recv = MF.unpermute(y_local, local_map)
+        elif El > 1 and W > 1:
             # Arrived grouped by (source rank, local expert): regroup by local expert.
             local_ids = torch.arange(El, device=x.device).repeat(W)
             local_ids = torch.repeat_interleave(local_ids, recv_counts, output_size=n_recv)

@@ -50,7 +50,8 @@ def _check_case(rank, world, c, groups):
     close = dict(atol=2e-2, rtol=2e-2) if c.get("autocast") else dict(atol=1e-12, rtol=1e-10)
     full = _make_layer(c)
     ep = shard_experts(full, groups.ep_group if groups else None)
-    full.attach_aux_loss = False  # the reference adds .aux_loss to its loss; ep may attach it to its output
+    # The reference: the default path, adding .aux_loss to its loss (ep may attach it, or recompute).
+    full.attach_aux_loss = full.recompute = False
     ep_size = groups.ep_size if groups else world
     El = c["E"] // ep_size
     ep_rank = dist.get_rank(groups.ep_group) if groups else rank
@@ -140,6 +141,9 @@ def test_expert_parallel_two_ranks_matches_unsharded():
         dict(base, Ts=[7, 10], kw=dict(bias=True, aux_loss_coef=0.01), autocast=True),
         # The aux loss attached to the output (reentrant checkpointing): .aux_loss is detached.
         dict(base, Ts=[4, 8], kw=dict(aux_loss_coef=0.1, z_loss_coef=0.01, attach_aux_loss=True)),
+        # recompute=True on the local experts, several per rank and one (E=2).
+        dict(base, Ts=[9, 4], kw=dict(bias=True, recompute=True)),
+        dict(H=8, F=6, E=2, k=1, Ts=[3, 7], kw=dict(recompute=True, activation="gelu_no_mul")),
     ]
     # Also: E % world != 0 is a clear error (see test_indivisible_experts_error).
     out = launch(_cases_worker, 2, [(None, cases)], True, timeout_s=TIMEOUT_S)
