@@ -119,6 +119,25 @@ def test_register_runs_moe_ext_ops(monkeypatch):
     assert len(calls) == 2 * model.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_register_recompute_matches_and_saves_less(family):
+    """register(name, recompute=True): the same logits and gradients, bit for bit, with less saved."""
+    from test_checkpointing import _saved_bytes
+    mt.register("moe_ext_recompute", recompute=True)
+    try:
+        ref = _build(family, "moe_ext", torch.float64)
+        ours = _build(family, "moe_ext_recompute", torch.float64, ref.state_dict())
+        ids = _ids()
+        _compare(_run(ours, ids), _run(ref, ids), dict(atol=0, rtol=0))
+        c = ours.config
+        F_ = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+        per_layer = ids.numel() * c.num_experts_per_tok * (c.hidden_size + F_) * 8  # x_sorted and act(h), fp64
+        saved = _saved_bytes(lambda: ref(input_ids=ids)) - _saved_bytes(lambda: ours(input_ids=ids))
+        assert saved == c.num_hidden_layers * per_layer
+    finally:
+        mt.unregister("moe_ext_recompute")
+
+
 def test_register_float32_and_set_experts_implementation():
     ref = _build("mixtral", "eager", torch.float32)
     ours = copy.deepcopy(ref)

@@ -50,11 +50,14 @@ def _silu_and_mul_applies(module: nn.Module) -> bool:
 
 
 def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
-                            top_k_weights: Tensor) -> Tensor:
+                            top_k_weights: Tensor, recompute: bool = False) -> Tensor:
     """transformers' experts forward signature: (experts module, x [T, H], top_k_index [T, k],
     top_k_weights [T, k]) -> [T, H] in x's dtype. Reads the layout flags that
     @use_experts_implementation sets (has_gate, has_bias, is_transposed; is_concatenated only matters to
-    the module's _apply_gate) and falls back to inferring them from the parameter names."""
+    the module's _apply_gate) and falls back to inferring them from the parameter names.
+    recompute=True (register(recompute=True)): for the default gated SiLU with [E, out, in] weights, the
+    backward recomputes the grouped rows and the activation instead of saving them
+    (moe_ext.functional.permute_expert_ffn); other layouts and gates take the default path."""
     has_gate = getattr(self, "has_gate", hasattr(self, "gate_up_proj"))
     has_bias = getattr(self, "has_bias", False)
     transposed = getattr(self, "is_transposed", False)
@@ -68,6 +71,9 @@ def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index:
         ids = torch.where((ids >= 0) & (ids < E), ids, torch.full_like(ids, -1))
     # The weights' dtype (as transformers' grouped_mm path does), or the autocast one under torch.autocast.
     x = hidden_states.to(MF._autocast_dtype(hidden_states) or w_in.dtype)
+    if recompute and has_gate and not transposed and _silu_and_mul_applies(self):
+        y, _, row_map = MF.permute_expert_ffn(x, ids, E, w_in, self.down_proj, "silu", b_in, b_out, recompute=True)
+        return MF.unpermute(y, row_map, top_k_weights).to(hidden_states.dtype)
     x_sorted, offsets, row_map = MF.permute(x, ids, E)
     h = MF.grouped_gemm(x_sorted, w_in, offsets, trans_b=not transposed, bias=b_in)
     if has_gate:
@@ -79,11 +85,19 @@ def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index:
     return MF.unpermute(y, row_map, top_k_weights).to(hidden_states.dtype)
 
 
-def register(name: str = NAME) -> str:
+def _recomputing_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
+                                 top_k_weights: Tensor) -> Tensor:
+    return moe_ext_experts_forward(self, hidden_states, top_k_index, top_k_weights, recompute=True)
+
+
+def register(name: str = NAME, recompute: bool = False) -> str:
     """Register moe_ext_experts_forward as experts_implementation=`name` (default "moe_ext") in
-    transformers' ExpertsInterface (global: every model, present and future). Returns the name."""
+    transformers' ExpertsInterface (global: every model, present and future). Returns the name.
+    recompute=True registers the variant whose backward recomputes the grouped rows and the activation
+    (saving S * (H + F) elements per layer; see moe_ext_experts_forward), e.g. as
+    register("moe_ext_recompute", recompute=True)."""
     from transformers.integrations.moe import ExpertsInterface
-    ExpertsInterface.register(name, moe_ext_experts_forward)
+    ExpertsInterface.register(name, _recomputing_experts_forward if recompute else moe_ext_experts_forward)
     return name
 
 
