@@ -102,6 +102,8 @@ def run_case(case, args, ceil, ranges):
                  gbps=(built.bytes / t / 1e9) if t else None, graph=timed.get(name, {}).get("graph"),
                  n_sets=built.n_sets, flops=built.flops, bytes=built.bytes, info=built.info)
         r["pass"] = case.pass_
+        saved = built.saved_bytes.get(name)
+        r["saved_mb"] = None if saved is None else saved / 2**20
         t_roof = max(built.flops / ceil["dense_flops"], built.bytes / ceil["copy_Bps"])
         r["roofline_frac"] = (t_roof / t) if t else None
         r["bound"] = "compute" if built.flops / ceil["dense_flops"] >= built.bytes / ceil["copy_Bps"] else "memory"

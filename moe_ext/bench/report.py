@@ -80,13 +80,14 @@ def table(rows: List[dict]) -> str:
         lines.append(f"{case if case != last else '':<44} {r['impl']:<17} {ok:<3} {_fmt(r['median_us'], '10.1f')} "
                      f"{_fmt(r['tflops'], '8.2f')} {_fmt(r['gbps'], '8.1f')} "
                      f"{_fmt(None if r['roofline_frac'] is None else 100 * r['roofline_frac'], '6.1f')}  {sp}"
+                     + (f"  saved {r['saved_mb']:.2f} MB" if r.get("saved_mb") is not None else "")
                      + (f"  [{r['note']}]" if r.get("note") else ""))
         last = case
     return "\n".join(lines)
 
 
 CSV_FIELDS = ["suite", "model", "pass", "T", "routing", "impl", "ok", "err", "median_us", "p20_us", "p80_us",
-              "tflops", "gbps", "roofline_frac", "bound", "dense_frac", "graph", "n_sets", "config", "note"]
+              "tflops", "gbps", "roofline_frac", "bound", "dense_frac", "saved_mb", "graph", "n_sets", "config", "note"]
 
 
 def write_csv(path: str, rows: List[dict]):

@@ -31,10 +31,28 @@ class Built:
     n_sets: int = 1
     info: dict = field(default_factory=dict)
     profile_fn: Optional[Callable] = None   # the moe_ext call to profile (with stage ranges if any)
+    saved_bytes: Dict[str, int] = field(default_factory=dict)  # fwd+bwd: activations kept for the backward
 
 
 def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def saved_for_backward(fn: Callable, exclude) -> tuple:
+    """(fn(), bytes of the distinct storages autograd saved while fn ran), leaving out the storages of
+    `exclude` (the inputs and parameters, which exist anyway): the activation memory a training step holds
+    between forward and backward. Exact and device-independent, unlike an allocator's peak."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
 
 
 def poison(device: str, nbytes: int):
@@ -414,7 +432,10 @@ def build_layer(case: Case, device: str, ranges: Ranges = NO_RANGES) -> Built:
             ref, _ = ref_for(semantics.get(name, g))
             poison(device, T * H * x0.element_size() * (1 + bwd))
             with torch.enable_grad() if bwd else torch.no_grad():
-                out = b.impls[name](0)
+                if bwd:
+                    out, b.saved_bytes[name] = saved_for_backward(lambda: b.impls[name](0), list(st0.values()))
+                else:
+                    out = b.impls[name](0)
             tol = tolerance(dt)
             row = (out[0].double() - ref[0].double()).abs().amax(-1) / ref[0].double().abs().max().clamp_min(1e-30)
             bad = int((~(row <= tol)).sum())  # NaN counts as bad
