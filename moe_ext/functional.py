@@ -10,11 +10,10 @@ device value back to the host.
 import math
 from typing import NamedTuple, Optional
 
-from torch.autograd.function import once_differentiable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _ops = torch.ops.moe_ext
 

@@ -186,22 +186,21 @@ class ExpertParallelMoELayer(nn.Module):
         n_send, n_recv = sum(send_splits), sum(recv_splits)
 
         recv = all_to_all(x_sorted[:n_send], recv_splits, send_splits, self.group, self.comm_stats)
-        if getattr(self, "recompute", False):
-            # The local experts through permute_expert_ffn, whose backward recomputes their grouped
-            # rows and activation (MoELayer(recompute=True)); with one local expert the regrouping is
-            # the identity, a copy the default path below avoids.
+        recompute = getattr(self, "recompute", False)
+        if recompute or (El > 1 and W > 1):
+            # Arrived grouped by (source rank, local expert): regroup by local expert. With recompute the
+            # regrouping goes through permute_expert_ffn, whose backward recomputes the grouped rows and
+            # the activation; with one local expert it is then the identity, a copy the else branch avoids.
             local_ids = torch.arange(El, device=x.device).repeat(W)
-            local_ids = torch.repeat_interleave(local_ids, recv_counts, output_size=n_recv)
-            ex = self.experts
-            y_local, local_offsets, local_map = MF.permute_expert_ffn(
-                recv, local_ids.view(-1, 1), El, ex.w1, ex.w2, ex.activation, ex.b1, ex.b2, recompute=True)
+            local_ids = torch.repeat_interleave(local_ids, recv_counts, output_size=n_recv).view(-1, 1)
+            if recompute:
+                ex = self.experts
+                y_local, local_offsets, local_map = MF.permute_expert_ffn(
+                    recv, local_ids, El, ex.w1, ex.w2, ex.activation, ex.b1, ex.b2, recompute=True)
+            else:
+                x_local, local_offsets, local_map = MF.permute(recv, local_ids, El)
+                y_local = self.experts(x_local, local_offsets)
             y_recv = MF.unpermute(y_local, local_map)
-        elif El > 1 and W > 1:
-            # Arrived grouped by (source rank, local expert): regroup by local expert.
-            local_ids = torch.arange(El, device=x.device).repeat(W)
-            local_ids = torch.repeat_interleave(local_ids, recv_counts, output_size=n_recv)
-            x_local, local_offsets, local_map = MF.permute(recv, local_ids.view(-1, 1), El)
-            y_recv = MF.unpermute(self.experts(x_local, local_offsets), local_map)
         else:
             # One local expert (or one rank): the received rows are already grouped by local expert.
             local_offsets = torch.zeros(El + 1, dtype=torch.int64, device=x.device)
