@@ -107,8 +107,9 @@ class MoELayer(nn.Module):
     Token choice (default): each token picks its top_k experts by softmax or sigmoid scores
     (renormalised, group-limited with n_group/topk_group, scaled by routed_scaling_factor).
     capacity_factor: each expert keeps at most ceil(cf * T * top_k / E) slots, admitted by priority
-    (all first choices before any second choice, lower token first); overflow="drop" zeroes the rest,
-    "reroute" moves them to the token's next preferred expert with room.
+    (drop_policy="position": all first choices before any second choice, lower token first; "probs":
+    the largest routing weights first); overflow="drop" zeroes the rest, "reroute" (position only)
+    moves them to the token's next preferred expert with room.
     routing="expert_choice": each expert takes its ceil(cf * T * top_k / E) best tokens (cf defaults to 1).
     expert_bias=True: router.expert_bias [E] (fp32 zeros) is added to the scores for the selection only
     (DeepSeek-V3; see moe_ext.routing.update_expert_bias). num_shared_experts=S: S always-on experts
@@ -124,9 +125,15 @@ class MoELayer(nn.Module):
     (moe_ext.functional.permute_expert_ffn); same gradients, bit for bit. Presets: moe_ext.presets.
     """
 
+    # What route() and capacity() read; moe_ext.parallel and moe_ext.offload copy them.
+    ROUTING_ATTRS = ("num_experts", "top_k", "score_func", "renormalize", "capacity_factor", "overflow", "routing",
+                     "drop_policy", "jitter_eps", "aux_loss_coef", "z_loss_coef", "n_group", "topk_group",
+                     "routed_scaling_factor")
+
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *, activation: str = "silu",
                  bias: bool = False, score_func: str = "softmax", renormalize: bool = True,
-                 capacity_factor: Optional[float] = None, overflow: str = "drop", routing: str = "token_choice",
+                 capacity_factor: Optional[float] = None, overflow: str = "drop", drop_policy: str = "position",
+                 routing: str = "token_choice",
                  num_shared_experts: int = 0, jitter_eps: float = 0.0, aux_loss_coef: float = 0.0,
                  z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
                  routed_scaling_factor: float = 1.0, expert_bias: bool = False, shared_expert_gate: bool = False,
@@ -137,6 +144,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"moe_ext.MoELayer: top_k must be in [1, num_experts] = [1, {num_experts}], got {top_k}")
         if overflow not in ("drop", "reroute"):
             raise ValueError(f"moe_ext.MoELayer: overflow must be 'drop' or 'reroute', got {overflow!r}")
+        if drop_policy not in ("position", "probs"):
+            raise ValueError(f"moe_ext.MoELayer: drop_policy must be 'position' or 'probs', got {drop_policy!r}")
+        if drop_policy == "probs" and overflow != "drop":
+            raise ValueError("moe_ext.MoELayer: drop_policy='probs' needs overflow='drop'")
         if routing not in ("token_choice", "expert_choice"):
             raise ValueError(f"moe_ext.MoELayer: routing must be 'token_choice' or 'expert_choice', got {routing!r}")
         if score_func not in ("softmax", "sigmoid"):
@@ -150,6 +161,7 @@ class MoELayer(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.renormalize = score_func, renormalize
         self.capacity_factor, self.overflow, self.routing = capacity_factor, overflow, routing
+        self.drop_policy = drop_policy
         self.jitter_eps, self.aux_loss_coef, self.z_loss_coef = jitter_eps, aux_loss_coef, z_loss_coef
         self.n_group, self.topk_group = n_group or 1, topk_group or 1
         self.routed_scaling_factor = routed_scaling_factor
@@ -173,9 +185,8 @@ class MoELayer(nn.Module):
         """Routing of x [T, H]: (logits [T, E], weights [T, k'], expert_ids [T, k'] (-1 = dropped),
         max_rows, tokens_chosen [E] | None, score_sum [E], lse [T]); k' = top_k, or E for expert choice.
 
-        Reads only the router and the routing attributes (num_experts, top_k, routing, score_func,
-        renormalize, capacity_factor, overflow, n_group, topk_group, routed_scaling_factor, jitter_eps,
-        training) and capacity(), so moe_ext.offload reuses it on a module with the same attributes.
+        Reads only the router, the ROUTING_ATTRS, training and capacity(), so moe_ext.offload and
+        moe_ext.parallel reuse it on a module with the same attributes.
         """
         T = x.shape[0]
         router_in = x
@@ -196,7 +207,8 @@ class MoELayer(nn.Module):
             max_rows = -1
             if self.capacity_factor is not None:
                 ids = apply_capacity(ids, logits, self.num_experts, self.capacity(T), self.overflow,
-                                     score_func=self.score_func, expert_bias=getattr(self.router, "expert_bias", None))
+                                     score_func=self.score_func, expert_bias=getattr(self.router, "expert_bias", None),
+                                     drop_policy=getattr(self, "drop_policy", "position"), weights=weights)
                 max_rows = min(T * self.top_k, self.num_experts * self.capacity(T))
         return logits, weights, ids, max_rows, tokens_chosen, score_sum, lse
 

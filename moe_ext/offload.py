@@ -47,8 +47,7 @@ from .modules import MoELayer
 
 __all__ = ["OffloadedMoE", "offload_experts", "bench_cache_sizes"]
 
-_ROUTING_ATTRS = ("num_experts", "top_k", "score_func", "renormalize", "capacity_factor", "overflow", "routing",
-                  "jitter_eps", "aux_loss_coef", "z_loss_coef", "n_group", "topk_group", "routed_scaling_factor")
+_ROUTING_ATTRS = MoELayer.ROUTING_ATTRS
 
 
 def _default_device() -> torch.device:

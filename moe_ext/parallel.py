@@ -137,9 +137,7 @@ class ExpertParallelMoELayer(nn.Module):
         lo, hi = expert_range(E, self.ep_size, self.ep_rank)
         self.num_local_experts = hi - lo
         self.local_expert_ids = list(range(lo, hi))
-        for name in ("num_experts", "top_k", "score_func", "renormalize", "capacity_factor", "overflow", "routing",
-                     "jitter_eps", "aux_loss_coef", "z_loss_coef", "n_group", "topk_group",
-                     "routed_scaling_factor", "attach_aux_loss", "aux_loss_grad_scale", "recompute"):
+        for name in MoELayer.ROUTING_ATTRS + ("attach_aux_loss", "aux_loss_grad_scale", "recompute"):
             setattr(self, name, getattr(layer, name))
         self.router = copy.deepcopy(layer.router)
         src = layer.experts

@@ -3,6 +3,7 @@
 They are written for clarity, not speed, and are what the tests hold the kernels to (run them in
 float64 where precision matters). Semantics: docs/ops.md.
 """
+import math
 from typing import Optional
 
 import torch
@@ -175,3 +176,23 @@ def capacity_reroute(expert_ids: Tensor, keys: Tensor, capacity: int) -> Tensor:
                     load[alt] += 1
                     break
     return torch.tensor(ids, dtype=expert_ids.dtype).view(T, k)
+
+
+def capacity_drop(expert_ids: Tensor, capacity: int, weights: Optional[Tensor] = None) -> Tensor:
+    """Reference of moe_ext.apply_capacity(overflow="drop"): each expert keeps `capacity` slots, taken
+    in position order (every first choice, then every second choice, ...; lower token first) or, with
+    weights [T, k] (drop_policy="probs"), larger weight first, NaN last, ties in position order."""
+    T, k = expert_ids.shape
+    slots = [(j, t) for j in range(k) for t in range(T)]
+    if weights is not None:
+        w = weights.tolist()
+        slots.sort(key=lambda s: (math.isnan(w[s[1]][s[0]]), 0.0 if math.isnan(w[s[1]][s[0]]) else -w[s[1]][s[0]]))
+    ids = expert_ids.tolist()
+    out = [[-1] * k for _ in range(T)]
+    load = {}
+    for j, t in slots:
+        e = ids[t][j]
+        if e >= 0 and load.get(e, 0) < capacity:
+            load[e] = load.get(e, 0) + 1
+            out[t][j] = e
+    return torch.tensor(out, dtype=expert_ids.dtype).view(T, k)

@@ -9,35 +9,55 @@ from torch import Tensor
 from .functional import topk_gating
 
 
-def capacity_rank(expert_ids: Tensor, num_experts: int) -> Tensor:
+def capacity_rank(expert_ids: Tensor, num_experts: int, priority: Optional[Tensor] = None) -> Tensor:
     """Priority rank of every slot within its expert: [T, k] int64 (dropped slots: undefined).
 
-    Priority: every token's first choice before any second choice, and so on; within one choice,
-    lower token index first. A slot is kept under capacity C when its rank is < C.
+    Priority (priority=None, drop_policy "position"): every token's first choice before any second
+    choice, and so on; within one choice, lower token index first. With priority [T, k] (drop_policy
+    "probs": the routing weights), higher values first, ties and NaN (last) in that position order. A
+    slot is kept under capacity C when its rank is < C.
     """
     T, k = expert_ids.shape
     S = T * k
-    flat = expert_ids.t().reshape(-1).long()  # p = j * T + t: the priority order
+    flat = expert_ids.t().reshape(-1).long()  # p = j * T + t: the position order
     e = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))
-    key = e * S + torch.arange(S, device=flat.device)
-    sorted_key, order = torch.sort(key)
-    sorted_e = sorted_key // S
+    if priority is None:
+        key = e * S + torch.arange(S, device=flat.device)
+        sorted_key, order = torch.sort(key)
+        sorted_e = sorted_key // S
+    else:
+        # Two stable sorts: by descending priority (position order among equals), then by expert.
+        by_priority = torch.sort(-priority.detach().t().reshape(-1).double(), stable=True).indices
+        order = by_priority[torch.sort(e[by_priority], stable=True).indices]
+        sorted_e = e[order]
     first = torch.searchsorted(sorted_e, sorted_e)  # start of each expert's run, on the device
     rank = torch.empty_like(flat).scatter_(0, order, torch.arange(S, device=flat.device) - first)
     return rank.view(k, T).t()
 
 
 def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacity: int, overflow: str = "drop",
-                   score_func: str = "softmax", expert_bias: Optional[Tensor] = None) -> Tensor:
+                   score_func: str = "softmax", expert_bias: Optional[Tensor] = None,
+                   drop_policy: str = "position", weights: Optional[Tensor] = None) -> Tensor:
     """Expert ids [T, k] with the slots past each expert's capacity dropped (-1) or rerouted.
 
     overflow="drop": slots are admitted in priority order (capacity_rank); the rest become -1 and
-    contribute zero (the kept slots keep their weights). overflow="reroute": slots are visited in
+    contribute zero (the kept slots keep their weights). drop_policy="position" (GShard, Switch): all
+    first choices before any second choice, lower token first; "probs" (Megatron-LM's default): each
+    expert keeps the slots with the largest routing weights [T, k] (`weights`, required), ties by
+    position. overflow="reroute": slots are visited in
     priority order; one whose expert is full moves to the token's next preferred expert (by the
     selection key: logits, or score + expert_bias when a bias is given) that has room and that the token has not chosen, keeping the slot's weight; it is dropped only when
     no expert has room. Rerouting is a sequential greedy pass (the capacity_reroute op: a CPU loop, or
     one CUDA warp on the device, so no host synchronisation).
     """
+    if drop_policy not in ("position", "probs"):
+        raise ValueError(f"moe_ext.apply_capacity: drop_policy must be 'position' or 'probs', got {drop_policy!r}")
+    if drop_policy == "probs" and overflow != "drop":
+        raise ValueError("moe_ext.apply_capacity: drop_policy='probs' needs overflow='drop' (rerouting visits the "
+                         "slots in position order)")
+    if drop_policy == "probs" and (weights is None or weights.shape != expert_ids.shape):
+        raise ValueError(f"moe_ext.apply_capacity: drop_policy='probs' needs weights shaped like expert_ids "
+                         f"{tuple(expert_ids.shape)}, got {None if weights is None else tuple(weights.shape)}")
     if overflow == "drop":
         # The reroute op checks its arguments in C++; the same checks for the drop path. Id values only
         # in eager mode on CPU tensors, where reading them costs no device synchronisation and no graph
@@ -53,7 +73,7 @@ def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacit
                 i = int(bad.reshape(-1).nonzero()[0])
                 raise ValueError(f"moe_ext.apply_capacity: expert_ids holds {int(expert_ids.reshape(-1)[i])} at "
                                  f"flat index {i}, expected -1 (dropped) or a value in [0, {num_experts})")
-        keep = capacity_rank(expert_ids, num_experts) < capacity
+        keep = capacity_rank(expert_ids, num_experts, weights if drop_policy == "probs" else None) < capacity
         return torch.where(keep & (expert_ids >= 0), expert_ids, torch.full_like(expert_ids, -1))
     if overflow != "reroute":
         raise ValueError(f"moe_ext.apply_capacity: overflow must be 'drop' or 'reroute', got {overflow!r}")

@@ -50,6 +50,51 @@ def test_capacity_rank_is_priority_order():
     assert moe_ext.capacity_rank(ids, 3).tolist() == [[0, 1], [1, 0], [0, 2]]
 
 
+@pytest.mark.parametrize("T,E,k,cap", [(37, 7, 3, 10), (200, 16, 4, 9), (33, 5, 5, 4), (0, 8, 2, 1), (12, 4, 2, 0)])
+@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_drop_matches_reference(T, E, k, cap, policy, dtype):
+    ids, keys = _reroute_case(T, E, k, dtype)
+    w = torch.softmax(keys.nan_to_num(-1.0), -1).gather(1, ids.clamp_min(0).long()) if T else torch.empty(0, k)
+    if T:
+        w[: T // 4] = torch.round(w[: T // 4] * 4) / 4  # ties: position order decides
+        w[T // 2 + 1, 0] = float("nan")  # NaN weights rank last
+    out = moe_ext.apply_capacity(ids, keys, E, cap, "drop", drop_policy=policy, weights=w)
+    want = R.capacity_drop(ids, cap, w if policy == "probs" else None)
+    assert out.dtype == dtype and torch.equal(out, want)
+
+
+def test_drop_policy_probs_keeps_the_largest_weights():
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]], dtype=torch.int32)
+    w = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.7, 0.3], [0.6, 0.4]])
+    out = moe_ext.apply_capacity(ids, torch.zeros(4, 3), 3, 2, "drop", drop_policy="probs", weights=w)
+    # expert 0: t1 (0.9), t2 (0.7) kept, t0 (0.5) and t3's second choice (0.4) dropped; expert 1: t3 (0.6),
+    # t0 (0.5) kept, t2 (0.3) dropped; expert 2: t1 (0.1) kept. position order would keep t0 and t1 on 0.
+    assert out.tolist() == [[-1, 1], [0, 2], [0, -1], [1, -1]]
+
+
+def test_drop_policy_errors():
+    ids, w = torch.zeros(3, 2, dtype=torch.int32), torch.rand(3, 2)
+    with pytest.raises(ValueError, match="drop_policy must be 'position' or 'probs', got 'prob'"):
+        moe_ext.apply_capacity(ids, torch.zeros(3, 4), 4, 1, drop_policy="prob", weights=w)
+    with pytest.raises(ValueError, match="drop_policy='probs' needs overflow='drop'"):
+        moe_ext.apply_capacity(ids, torch.zeros(3, 4), 4, 1, "reroute", drop_policy="probs", weights=w)
+    with pytest.raises(ValueError, match=r"needs weights shaped like expert_ids \(3, 2\), got None"):
+        moe_ext.apply_capacity(ids, torch.zeros(3, 4), 4, 1, drop_policy="probs")
+    with pytest.raises(ValueError, match="drop_policy='probs' needs overflow='drop'"):
+        moe_ext.MoELayer(8, 8, 4, 2, capacity_factor=1.0, overflow="reroute", drop_policy="probs")
+
+
+@gpu_only
+def test_drop_policy_probs_cuda_matches_cpu():
+    ids, keys = _reroute_case(500, 16, 4, torch.int32)
+    w = torch.rand(500, 4)
+    w[:100] = 0.5  # ties
+    want = moe_ext.apply_capacity(ids, keys, 16, 60, drop_policy="probs", weights=w)
+    got = moe_ext.apply_capacity(ids.cuda(), keys.cuda(), 16, 60, drop_policy="probs", weights=w.cuda())
+    assert torch.equal(got.cpu(), want)
+
+
 def _reroute_case(T, E, k, dtype):
     keys = torch.randn(T, E)
     keys[: T // 3] = torch.round(keys[: T // 3])  # ties: the lower expert id wins on both sides

@@ -128,9 +128,9 @@ def test_capacity_reroute_moves_to_next_preferred_expert():
     assert out.tolist() == [[0, 1], [0, 1], [2, 3]]
 
 
-@pytest.mark.parametrize("overflow", ["drop", "reroute"])
-def test_layer_with_capacity(overflow):
-    layer = moe_ext.MoELayer(16, 24, 4, 2, capacity_factor=0.75, overflow=overflow).double()
+@pytest.mark.parametrize("overflow,policy", [("drop", "position"), ("reroute", "position"), ("drop", "probs")])
+def test_layer_with_capacity(overflow, policy):
+    layer = moe_ext.MoELayer(16, 24, 4, 2, capacity_factor=0.75, overflow=overflow, drop_policy=policy).double()
     x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     cap = math.ceil(0.75 * 20 * 2 / 4)
@@ -139,7 +139,10 @@ def test_layer_with_capacity(overflow):
     assert float(layer.last_stats["drop_fraction"]) == pytest.approx(1 - int(kept.sum()) / 40)
     # the reference: the same dropped ids through the sort-based path
     g = moe_ext.topk_gating(x.detach() @ layer.router.weight.t(), 2)
-    ids = moe_ext.apply_capacity(g.expert_ids, x.detach() @ layer.router.weight.t(), 4, cap, overflow)
+    if overflow == "drop":
+        ids = R.capacity_drop(g.expert_ids, cap, g.weights if policy == "probs" else None)
+    else:
+        ids = R.capacity_reroute(g.expert_ids, x.detach() @ layer.router.weight.t(), cap)
     ref = torch.zeros_like(x)
     for t in range(20):
         for j in range(2):
@@ -203,6 +206,7 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("kwargs", [{"capacity_factor": 0.75}, {"capacity_factor": 0.75, "overflow": "reroute"},
+                                    {"capacity_factor": 0.75, "drop_policy": "probs"},
                                     {"routing": "expert_choice"}])
 def test_torch_compile_fullgraph_routing_policies(kwargs):
     """Capacity and expert choice trace without a graph break (aot_eager: dynamo and AOTAutograd, no

@@ -136,6 +136,7 @@ def test_expert_parallel_two_ranks_matches_unsharded():
                                       num_shared_experts=1, shared_expert_gate=True)),
         # Routing policies are per rank, so they shard unchanged.
         dict(base, Ts=[9, 6], kw=dict(capacity_factor=0.5, overflow="reroute")),
+        dict(base, Ts=[8, 5], kw=dict(capacity_factor=0.5, drop_policy="probs")),
         dict(base, Ts=[6, 9], kw=dict(routing="expert_choice", capacity_factor=1.0)),
         # fp32 parameters under torch.autocast: bf16 rows cross the ranks, fp32 gradients come back.
         dict(base, Ts=[7, 10], kw=dict(bias=True, aux_loss_coef=0.01), autocast=True),
