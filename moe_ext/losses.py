@@ -5,6 +5,8 @@ Load-balancing loss (Switch Transformer, GShard):  E * sum_e f_e * P_e
     P_e = mean over tokens of expert e's full score (softmax probability or sigmoid).
   It is 1 for perfectly uniform routing. transformers' load_balancing_loss_func sums f over the k
   choices without dividing by k, so for k > 1 its value is k times this one.
+Sequence-wise balance loss (DeepSeek-V3's complementary loss): the same product per sequence of S tokens,
+  with P from the normalised scores s'_te = s_te / sum_j s_tj, averaged over the sequences.
 z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
 Both differentiate back to the router logits through score_sum and lse (f_e is a count: no gradient).
 """
@@ -22,6 +24,36 @@ def load_balancing_loss(tokens_per_expert: Tensor, score_sum: Tensor, num_tokens
     f = tokens_per_expert.to(score_sum.dtype) / (num_tokens * top_k)
     p = score_sum / num_tokens
     return E * (f * p).sum()
+
+
+def sequence_load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_seqs: int, top_k: int,
+                                 score_func: str = "softmax") -> Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, averaged over sequences: mean_b E * sum_e f_be * P_be.
+
+    logits [T, E] with T = num_seqs * S tokens, sequence-major (x [B, S, H] flattened); expert_ids [T, k]
+    the chosen experts (before capacity drops; -1 counts nowhere). f_be = (slots of sequence b routed to e)
+    / (k * S); P_be = mean over the tokens of sequence b of s'_te = s_te / sum_j s_tj, where s is the
+    softmax or sigmoid score (for softmax s' = s, and with one sequence this is load_balancing_loss).
+    Differentiable w.r.t. logits through P. Deterministic, no host synchronisation: the counts come
+    from a comparison against every expert ([T, k, E] booleans), not from atomics.
+    """
+    T, E = logits.shape
+    if T == 0:
+        return logits.sum() * 0.0
+    if num_seqs < 1 or T % num_seqs:
+        raise ValueError(f"moe_ext.sequence_load_balancing_loss: {T} tokens do not split into num_seqs = "
+                         f"{num_seqs} sequences of equal length")
+    S = T // num_seqs
+    lg = logits if logits.dtype == torch.float64 else logits.float()
+    if score_func == "sigmoid":
+        s = torch.sigmoid(lg)
+        s = s / s.sum(-1, keepdim=True)
+    else:
+        s = torch.softmax(lg, dim=-1)
+    p = s.view(num_seqs, S, E).mean(1)
+    hits = expert_ids.unsqueeze(-1) == torch.arange(E, device=expert_ids.device, dtype=expert_ids.dtype)
+    f = hits.view(num_seqs, S * top_k, E).sum(1).to(p.dtype) * (E / (top_k * S))
+    return (f * p).sum(-1).mean()
 
 
 def z_loss(lse: Tensor) -> Tensor:

@@ -9,13 +9,13 @@ Parameter layout (the names outside code relies on):
 """
 import math
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as MF
-from .losses import attach_aux_loss, load_balancing_loss, z_loss
+from .losses import attach_aux_loss, load_balancing_loss, sequence_load_balancing_loss, z_loss
 from .routing import apply_capacity, expert_choice
 
 
@@ -101,6 +101,18 @@ class SharedExperts(nn.Module):
         return torch.einsum("tsf,shf->th", MF.apply_activation(h, self.activation), self.w2)
 
 
+class Routing(NamedTuple):
+    """MoELayer.route's result for x [T, H]; k' = top_k, or E for expert choice."""
+    logits: Tensor                   # [T, E]
+    weights: Tensor                  # [T, k']
+    expert_ids: Tensor               # [T, k'], after capacity (-1 = dropped)
+    max_rows: int                    # permute's R, or -1 (T * k)
+    tokens_chosen: Optional[Tensor]  # [E] slots per expert before capacity; None for expert choice
+    score_sum: Tensor                # [E]
+    lse: Tensor                      # [T]
+    chosen_ids: Optional[Tensor]     # [T, k] before capacity; None for expert choice
+
+
 class MoELayer(nn.Module):
     """A Mixture-of-Experts FFN layer: x [..., H] -> [..., H].
 
@@ -116,7 +128,9 @@ class MoELayer(nn.Module):
     of width shared_d_ff (default d_ff) added to every token; shared_expert_gate=True scales their sum
     by sigmoid(x @ shared_expert_gate.weight^T) per token (Qwen2-MoE; Linear(H, 1) without bias).
     After each forward: .aux_loss (aux_loss_coef * load-balancing loss + z_loss_coef * z-loss, a
-    differentiable scalar) and .last_stats {"tokens_per_expert", "drop_fraction", "router_entropy"}
+    differentiable scalar; aux_loss_scope="sequence": DeepSeek-V3's sequence-wise balance loss over
+    the rows of x [B, S, H], in place of the batch one) and .last_stats {"tokens_per_expert",
+    "drop_fraction", "router_entropy"}
     (docs/routing.md says how to read them). attach_aux_loss=True: the aux loss's gradient rides on the
     output's backward instead (moe_ext.losses.attach_aux_loss, scaled by .aux_loss_grad_scale, default
     1.0) and .aux_loss is detached, for logging only; use it under reentrant activation checkpointing or
@@ -127,15 +141,15 @@ class MoELayer(nn.Module):
 
     # What route() and capacity() read; moe_ext.parallel and moe_ext.offload copy them.
     ROUTING_ATTRS = ("num_experts", "top_k", "score_func", "renormalize", "capacity_factor", "overflow", "routing",
-                     "drop_policy", "jitter_eps", "aux_loss_coef", "z_loss_coef", "n_group", "topk_group",
-                     "routed_scaling_factor")
+                     "drop_policy", "jitter_eps", "aux_loss_coef", "aux_loss_scope", "z_loss_coef", "n_group",
+                     "topk_group", "routed_scaling_factor")
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *, activation: str = "silu",
                  bias: bool = False, score_func: str = "softmax", renormalize: bool = True,
                  capacity_factor: Optional[float] = None, overflow: str = "drop", drop_policy: str = "position",
                  routing: str = "token_choice",
                  num_shared_experts: int = 0, jitter_eps: float = 0.0, aux_loss_coef: float = 0.0,
-                 z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
+                 aux_loss_scope: str = "batch", z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
                  routed_scaling_factor: float = 1.0, expert_bias: bool = False, shared_expert_gate: bool = False,
                  shared_d_ff: Optional[int] = None, attach_aux_loss: bool = False, recompute: bool = False,
                  device=None, dtype=None):
@@ -144,6 +158,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"moe_ext.MoELayer: top_k must be in [1, num_experts] = [1, {num_experts}], got {top_k}")
         if overflow not in ("drop", "reroute"):
             raise ValueError(f"moe_ext.MoELayer: overflow must be 'drop' or 'reroute', got {overflow!r}")
+        if aux_loss_scope not in ("batch", "sequence"):
+            raise ValueError(f"moe_ext.MoELayer: aux_loss_scope must be 'batch' or 'sequence', got {aux_loss_scope!r}")
         if drop_policy not in ("position", "probs"):
             raise ValueError(f"moe_ext.MoELayer: drop_policy must be 'position' or 'probs', got {drop_policy!r}")
         if drop_policy == "probs" and overflow != "drop":
@@ -163,6 +179,7 @@ class MoELayer(nn.Module):
         self.capacity_factor, self.overflow, self.routing = capacity_factor, overflow, routing
         self.drop_policy = drop_policy
         self.jitter_eps, self.aux_loss_coef, self.z_loss_coef = jitter_eps, aux_loss_coef, z_loss_coef
+        self.aux_loss_scope = aux_loss_scope
         self.n_group, self.topk_group = n_group or 1, topk_group or 1
         self.routed_scaling_factor = routed_scaling_factor
         self.attach_aux_loss, self.aux_loss_grad_scale = attach_aux_loss, 1.0
@@ -181,9 +198,8 @@ class MoELayer(nn.Module):
         cf = self.capacity_factor if self.capacity_factor is not None else 1.0
         return math.ceil(cf * num_tokens * self.top_k / self.num_experts)
 
-    def route(self, x: Tensor):
-        """Routing of x [T, H]: (logits [T, E], weights [T, k'], expert_ids [T, k'] (-1 = dropped),
-        max_rows, tokens_chosen [E] | None, score_sum [E], lse [T]); k' = top_k, or E for expert choice.
+    def route(self, x: Tensor) -> Routing:
+        """Routing of x [T, H] (see Routing).
 
         Reads only the router, the ROUTING_ATTRS, training and capacity(), so moe_ext.offload and
         moe_ext.parallel reuse it on a module with the same attributes.
@@ -197,37 +213,36 @@ class MoELayer(nn.Module):
         logits = self.router(router_in)
         if self.routing == "expert_choice":
             weights, ids, scores, lse = expert_choice(logits, self.capacity(T), self.score_func)
-            score_sum, tokens_chosen = scores.sum(0), None
+            score_sum, tokens_chosen, chosen = scores.sum(0), None, None
             max_rows = self.num_experts * min(self.capacity(T), T)
         else:
             g = MF.topk_gating(logits, self.top_k, score_func=self.score_func, renormalize=self.renormalize,
                                expert_bias=getattr(self.router, "expert_bias", None), num_groups=self.n_group, topk_groups=self.topk_group,
                                routed_scaling=self.routed_scaling_factor)
             weights, ids, score_sum, lse, tokens_chosen = g.weights, g.expert_ids, g.score_sum, g.lse, g.tokens_per_expert
-            max_rows = -1
+            chosen, max_rows = ids, -1
             if self.capacity_factor is not None:
                 ids = apply_capacity(ids, logits, self.num_experts, self.capacity(T), self.overflow,
                                      score_func=self.score_func, expert_bias=getattr(self.router, "expert_bias", None),
                                      drop_policy=getattr(self, "drop_policy", "position"), weights=weights)
                 max_rows = min(T * self.top_k, self.num_experts * self.capacity(T))
-        return logits, weights, ids, max_rows, tokens_chosen, score_sum, lse
+        return Routing(logits, weights, ids, max_rows, tokens_chosen, score_sum, lse, chosen)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        T = x.shape[0]
-        logits, weights, ids, max_rows, tokens_chosen, score_sum, lse = self.route(x)
+        r = self.route(x)
         if getattr(self, "recompute", False):
             ex = self.experts
-            y_sorted, offsets, row_map = MF.permute_expert_ffn(x, ids, self.num_experts, ex.w1, ex.w2, ex.activation,
-                                                               ex.b1, ex.b2, max_rows, recompute=True)
+            y_sorted, offsets, row_map = MF.permute_expert_ffn(x, r.expert_ids, self.num_experts, ex.w1, ex.w2,
+                                                               ex.activation, ex.b1, ex.b2, r.max_rows, recompute=True)
         else:  # through the Experts module, whose hooks users may rely on
-            x_sorted, offsets, row_map = MF.permute(MF._expert_rows(x), ids, self.num_experts, max_rows)
+            x_sorted, offsets, row_map = MF.permute(MF._expert_rows(x), r.expert_ids, self.num_experts, r.max_rows)
             y_sorted = self.experts(x_sorted, offsets)
-        y = MF.unpermute(y_sorted, row_map, weights)
+        y = MF.unpermute(y_sorted, row_map, r.weights)
         if self.shared_experts is not None:
             y = y + self._shared(x)
-        self._record(T, logits, offsets, tokens_chosen, score_sum, lse)
+        self._record(r, offsets, shape)
         return MF._layer_output(self._with_aux_loss(y, x), shape)
 
     def _with_aux_loss(self, y: Tensor, x: Tensor) -> Tensor:
@@ -254,17 +269,25 @@ class MoELayer(nn.Module):
             out = torch.sigmoid(gate(x)) * out
         return out
 
-    def _record(self, T, logits, offsets, tokens_chosen, score_sum, lse):
+    def _record(self, r: Routing, offsets: Tensor, shape):
+        """Sets .aux_loss and .last_stats from the routing r of an input shaped `shape` [..., S, H]."""
+        T = r.logits.shape[0]
         kept = (offsets[1:] - offsets[:-1]).to(torch.int32)
         slots = T * self.top_k
-        aux = score_sum.sum() * 0.0
-        if self.aux_loss_coef and tokens_chosen is not None:
-            aux = aux + self.aux_loss_coef * load_balancing_loss(tokens_chosen, score_sum, T, self.top_k)
+        aux = r.score_sum.sum() * 0.0
+        if self.aux_loss_coef and r.tokens_chosen is not None:
+            if getattr(self, "aux_loss_scope", "batch") == "sequence":
+                # Sequences are the input's rows: x [B, S, H] holds B of them, x [S, H] one.
+                num_seqs = math.prod(shape[:-2]) if len(shape) > 2 else 1
+                lbl = sequence_load_balancing_loss(r.logits, r.chosen_ids, num_seqs, self.top_k, self.score_func)
+            else:
+                lbl = load_balancing_loss(r.tokens_chosen, r.score_sum, T, self.top_k)
+            aux = aux + self.aux_loss_coef * lbl
         if self.z_loss_coef:
-            aux = aux + self.z_loss_coef * z_loss(lse)
+            aux = aux + self.z_loss_coef * z_loss(r.lse)
         self.aux_loss = aux
         with torch.no_grad():  # mean over tokens of the entropy of the softmax over experts, in nats
-            logp = torch.log_softmax(logits.float(), dim=-1)
+            logp = torch.log_softmax(r.logits.float(), dim=-1)
             entropy = -(logp.exp() * logp).sum(-1).mean() if T else logp.sum()
         self.last_stats = {
             "tokens_per_expert": kept,

@@ -320,8 +320,9 @@ class OffloadedMoE(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        T, E = x.shape[0], self.num_experts
-        logits, weights, ids, _, tokens_chosen, score_sum, lse = self.route(x)
+        E = self.num_experts
+        r = self.route(x)
+        weights, ids = r.weights, r.expert_ids
         flat = ids.reshape(-1).long()
         # Slots per expert without a hidden sync (boolean indexing and bincount read sizes back on CUDA).
         slot_e = torch.where(flat >= 0, flat, torch.full_like(flat, E))
@@ -358,7 +359,7 @@ class OffloadedMoE(nn.Module):
             y = y + self._shared(x)
         offsets = torch.zeros(E + 1, dtype=torch.int64, device=x.device)
         offsets[1:] = torch.cumsum(counts_dev, 0)
-        self._record(T, logits, offsets, tokens_chosen, score_sum, lse)
+        self._record(r, offsets, shape)
         return y.reshape(shape)
 
 

@@ -167,9 +167,9 @@ class ExpertParallelMoELayer(nn.Module):
         shape = x.shape
         H = shape[-1]
         x = x.reshape(-1, H)
-        T = x.shape[0]
         W, El, E = self.ep_size, self.num_local_experts, self.num_experts
-        logits, weights, ids, max_rows, tokens_chosen, score_sum, lse = self.route(x)
+        r = self.route(x)
+        weights, ids, max_rows = r.weights, r.expert_ids, r.max_rows
 
         # Rows grouped by global expert = grouped by destination rank (contiguous expert ranges); under
         # autocast in its dtype, which halves the bytes the all-to-alls move.
@@ -209,7 +209,7 @@ class ExpertParallelMoELayer(nn.Module):
         if self.shared_experts is not None:
             y = y + self._shared(x)
 
-        self._record(T, logits, offsets, tokens_chosen, score_sum, lse)
+        self._record(r, offsets, shape)
         self.last_stats["tokens_per_local_expert"] = (local_offsets[1:] - local_offsets[:-1]).to(torch.int32)
         me = self.ep_rank
         self.last_comm = {

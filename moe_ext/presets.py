@@ -7,7 +7,8 @@ any other MoELayer keyword (dtype, device, capacity_factor, ...) passes through 
     deepseek_moe(...)    DeepSeek-MoE 16B: H 2048, F 1408, 64 routed + 2 shared experts, top-6,
                          softmax without renormalisation, aux loss 1e-3.
     deepseek_v3(...)     DeepSeek-V3: H 7168, F 2048, 256 routed + 1 shared, top-8 within the 4 best of
-                         8 groups, sigmoid scores, renormalised, x2.5, selection bias (expert_bias).
+                         8 groups, sigmoid scores, renormalised, x2.5, selection bias (expert_bias),
+                         sequence-wise balance loss 1e-4.
 """
 from .modules import MoELayer
 
@@ -47,11 +48,13 @@ def deepseek_moe(d_model: int = 2048, d_ff: int = 1408, num_experts: int = 64, t
 
 def deepseek_v3(d_model: int = 7168, d_ff: int = 2048, num_experts: int = 256, top_k: int = 8, *,
                 n_group: int = 8, topk_group: int = 4, routed_scaling_factor: float = 2.5,
-                num_shared_experts: int = 1, **kw) -> MoELayer:
+                num_shared_experts: int = 1, aux_loss_coef: float = 1e-4, **kw) -> MoELayer:
     """DeepSeek-V3: sigmoid scores; selection by score + router.expert_bias (fp32 zeros; update with
     moe_ext.routing.update_expert_bias) among the topk_group best of n_group groups (group score =
     sum of its two best); weights = the unbiased scores renormalised, x routed_scaling_factor; one
-    shared SwiGLU expert. No auxiliary loss (auxiliary-loss-free balancing)."""
+    shared SwiGLU expert. Balancing is auxiliary-loss-free (the bias) plus the paper's complementary
+    sequence-wise balance loss with alpha = 1e-4 (aux_loss_scope="sequence": the rows of x [B, S, H])."""
     return MoELayer(d_model, d_ff, num_experts, top_k, activation="silu", score_func="sigmoid", renormalize=True,
                     n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
-                    expert_bias=True, num_shared_experts=num_shared_experts, **kw)
+                    expert_bias=True, num_shared_experts=num_shared_experts, aux_loss_coef=aux_loss_coef,
+                    aux_loss_scope="sequence", **kw)

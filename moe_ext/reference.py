@@ -196,3 +196,24 @@ def capacity_drop(expert_ids: Tensor, capacity: int, weights: Optional[Tensor] =
             load[e] = load.get(e, 0) + 1
             out[t][j] = e
     return torch.tensor(out, dtype=expert_ids.dtype).view(T, k)
+
+
+def sequence_load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_seqs: int, top_k: int,
+                                 score_func: str = "softmax") -> Tensor:
+    """Reference of moe_ext.losses.sequence_load_balancing_loss, as DeepSeek-V3 writes it (eqs. 17-20),
+    one sequence at a time: L_b = sum_i f_i P_i, f_i = N / (K S) * #{t : i chosen by t},
+    P_i = 1/S sum_t s_it / sum_j s_jt; the mean over sequences."""
+    T, E = logits.shape
+    S = T // num_seqs
+    losses = []
+    for b in range(num_seqs):
+        lg = logits[b * S:(b + 1) * S].double()
+        s = torch.sigmoid(lg) if score_func == "sigmoid" else torch.softmax(lg, dim=-1)
+        s = s / s.sum(-1, keepdim=True)
+        ids = expert_ids[b * S:(b + 1) * S]
+        total = lg.new_zeros(())
+        for i in range(E):
+            f = E / (top_k * S) * float((ids == i).sum())
+            total = total + f * s[:, i].mean()
+        losses.append(total)
+    return torch.stack(losses).mean()

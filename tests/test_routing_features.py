@@ -136,6 +136,7 @@ def test_presets_tiny(name):
     if name == "deepseek_v3":
         assert layer.router.expert_bias is not None and layer.routed_scaling_factor == 2.5
         assert layer.n_group == 8 and layer.topk_group == 4 and layer.top_k == 8 and layer.score_func == "sigmoid"
+        assert layer.aux_loss_coef == 1e-4 and layer.aux_loss_scope == "sequence" and float(layer.aux_loss.detach()) > 0
     if name == "deepseek_moe":
         assert layer.shared_experts.w1.shape[0] == 2 and layer.top_k == 6
 
@@ -146,3 +147,44 @@ def test_preset_default_sizes():
     assert m.experts.w1.shape == (8, 2 * 14336, 4096) and m.top_k == 2
     d = moe_ext.presets.deepseek_v3(device="meta")
     assert d.experts.w1.shape == (256, 4096, 7168) and d.shared_experts.w1.shape == (1, 4096, 7168)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("num_seqs,S,E,k", [(3, 11, 7, 3), (1, 20, 8, 2), (4, 5, 6, 6), (2, 1, 4, 1)])
+def test_sequence_load_balancing_loss_matches_reference(score_func, num_seqs, S, E, k):
+    logits = torch.randn(num_seqs * S, E, dtype=torch.float64, requires_grad=True)
+    ids = logits.detach().topk(k, dim=-1).indices.to(torch.int32)
+    ids[0, 0] = -1  # a dropped slot counts nowhere
+    got = moe_ext.losses.sequence_load_balancing_loss(logits, ids, num_seqs, k, score_func)
+    want = R.sequence_load_balancing_loss(logits, ids, num_seqs, k, score_func)
+    torch.testing.assert_close(got, want)
+    (g,) = torch.autograd.grad(got, logits)
+    (w,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(g, w)
+
+
+def test_sequence_loss_of_one_sequence_is_the_batch_loss():
+    logits = torch.randn(30, 8, dtype=torch.float64)
+    g = moe_ext.topk_gating(logits, 2, renormalize=False)
+    seq = moe_ext.losses.sequence_load_balancing_loss(logits, g.expert_ids, 1, 2)
+    torch.testing.assert_close(seq, moe_ext.load_balancing_loss(g.tokens_per_expert, g.score_sum, 30, 2))
+    empty = moe_ext.losses.sequence_load_balancing_loss(torch.zeros(0, 8, requires_grad=True),
+                                                        torch.zeros(0, 2, dtype=torch.int32), 1, 2)
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("kw", [{}, {"capacity_factor": 0.5}, {"score_func": "sigmoid", "expert_bias": True}])
+def test_layer_sequence_scope(kw):
+    """aux_loss_scope="sequence": the rows of x [B, S, H] are the sequences; the counts are the chosen
+    experts before capacity drops (as for the batch loss); x [S, H] is one sequence."""
+    layer = moe_ext.MoELayer(16, 8, 7, 3, aux_loss_coef=0.1, aux_loss_scope="sequence", **kw).double()
+    x = torch.randn(4, 9, 16, dtype=torch.float64)
+    layer(x)
+    r = layer.route(x.view(-1, 16))
+    want = 0.1 * R.sequence_load_balancing_loss(r.logits, r.chosen_ids, 4, 3, layer.score_func)
+    torch.testing.assert_close(layer.aux_loss, want)
+    layer(x[0])
+    torch.testing.assert_close(layer.aux_loss, 0.1 * R.sequence_load_balancing_loss(
+        layer.router(x[0]), layer.route(x[0]).chosen_ids, 1, 3, layer.score_func))
+    with pytest.raises(ValueError, match="aux_loss_scope must be 'batch' or 'sequence', got 'seq'"):
+        moe_ext.MoELayer(16, 8, 7, 3, aux_loss_scope="seq")
