@@ -9,7 +9,8 @@ from . import _C  # noqa: F401  (registers torch.ops.moe_ext.*)
 from . import _ops  # noqa: F401  (fake kernels)
 from .functional import (GatingOutput, expert_ffn, fused_moe, grouped_gemm, permute, topk_gating,  # noqa: F401
                          unpermute)
-from .losses import attach_aux_loss, load_balancing_loss, sequence_load_balancing_loss, z_loss  # noqa: F401
+from .losses import (attach_aux_loss, global_load_balancing_loss, load_balancing_loss,  # noqa: F401
+                     sequence_load_balancing_loss, z_loss)
 from .modules import Experts, MoELayer, Router, SharedExperts  # noqa: F401
 from .routing import apply_capacity, capacity_rank, expert_choice, update_expert_bias  # noqa: F401
 from . import offload, parallel, presets  # noqa: F401,E402  (moe_ext.offload.offload_experts, ...)

@@ -5,6 +5,7 @@ Load-balancing loss (Switch Transformer, GShard):  E * sum_e f_e * P_e
     P_e = mean over tokens of expert e's full score (softmax probability or sigmoid).
   It is 1 for perfectly uniform routing. transformers' load_balancing_loss_func sums f over the k
   choices without dividing by k, so for k > 1 its value is k times this one.
+Global-batch balance loss (Qwen): f_e from the counts summed over the data-parallel ranks, P_e local.
 Sequence-wise balance loss (DeepSeek-V3's complementary loss): the same product per sequence of S tokens,
   with P from the normalised scores s'_te = s_te / sum_j s_tj, averaged over the sequences.
 z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
@@ -24,6 +25,25 @@ def load_balancing_loss(tokens_per_expert: Tensor, score_sum: Tensor, num_tokens
     f = tokens_per_expert.to(score_sum.dtype) / (num_tokens * top_k)
     p = score_sum / num_tokens
     return E * (f * p).sum()
+
+
+def global_load_balancing_loss(tokens_per_expert: Tensor, score_sum: Tensor, num_tokens: int, top_k: int,
+                               group=None) -> Tensor:
+    """Global-batch balance loss (Qwen, "Demons in the Detail", 2025): E * sum_e f_e * P_e with f_e from the
+    slot counts summed over the data-parallel `group` (default: the world) and P_e = score_sum / T from
+    this rank's tokens, so the constraint applies to the whole global batch instead of each micro-batch.
+
+    Every rank of the group must call it (a rank without tokens too: it contributes zeros). The counts
+    are reduced as int64 with a functional all-reduce: no host synchronisation, traceable by
+    torch.compile. Without an initialised process group it is load_balancing_loss.
+    """
+    counts = tokens_per_expert.to(torch.int64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed import _functional_collectives as funcol
+        counts = funcol.all_reduce(counts, "sum", group if group is not None else torch.distributed.group.WORLD)
+    f = counts.to(score_sum.dtype) / counts.sum().clamp_min(1).to(score_sum.dtype)
+    p = score_sum / max(num_tokens, 1)
+    return score_sum.shape[0] * (f * p).sum()
 
 
 def sequence_load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_seqs: int, top_k: int,

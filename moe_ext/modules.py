@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as MF
-from .losses import attach_aux_loss, load_balancing_loss, sequence_load_balancing_loss, z_loss
+from .losses import (attach_aux_loss, global_load_balancing_loss, load_balancing_loss, sequence_load_balancing_loss,
+                     z_loss)
 from .routing import apply_capacity, expert_choice
 
 
@@ -129,7 +130,8 @@ class MoELayer(nn.Module):
     by sigmoid(x @ shared_expert_gate.weight^T) per token (Qwen2-MoE; Linear(H, 1) without bias).
     After each forward: .aux_loss (aux_loss_coef * load-balancing loss + z_loss_coef * z-loss, a
     differentiable scalar; aux_loss_scope="sequence": DeepSeek-V3's sequence-wise balance loss over
-    the rows of x [B, S, H], in place of the batch one) and .last_stats {"tokens_per_expert",
+    the rows of x [B, S, H], "global": Qwen's global-batch loss, its counts summed over the process
+    group aux_loss_group (default the world; every rank must run the layer)) and .last_stats {"tokens_per_expert",
     "drop_fraction", "router_entropy"}
     (docs/routing.md says how to read them). attach_aux_loss=True: the aux loss's gradient rides on the
     output's backward instead (moe_ext.losses.attach_aux_loss, scaled by .aux_loss_grad_scale, default
@@ -141,15 +143,15 @@ class MoELayer(nn.Module):
 
     # What route() and capacity() read; moe_ext.parallel and moe_ext.offload copy them.
     ROUTING_ATTRS = ("num_experts", "top_k", "score_func", "renormalize", "capacity_factor", "overflow", "routing",
-                     "drop_policy", "jitter_eps", "aux_loss_coef", "aux_loss_scope", "z_loss_coef", "n_group",
-                     "topk_group", "routed_scaling_factor")
+                     "drop_policy", "jitter_eps", "aux_loss_coef", "aux_loss_scope", "aux_loss_group", "z_loss_coef",
+                     "n_group", "topk_group", "routed_scaling_factor")
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *, activation: str = "silu",
                  bias: bool = False, score_func: str = "softmax", renormalize: bool = True,
                  capacity_factor: Optional[float] = None, overflow: str = "drop", drop_policy: str = "position",
                  routing: str = "token_choice",
                  num_shared_experts: int = 0, jitter_eps: float = 0.0, aux_loss_coef: float = 0.0,
-                 aux_loss_scope: str = "batch", z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
+                 aux_loss_scope: str = "batch", aux_loss_group=None, z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
                  routed_scaling_factor: float = 1.0, expert_bias: bool = False, shared_expert_gate: bool = False,
                  shared_d_ff: Optional[int] = None, attach_aux_loss: bool = False, recompute: bool = False,
                  device=None, dtype=None):
@@ -158,8 +160,9 @@ class MoELayer(nn.Module):
             raise ValueError(f"moe_ext.MoELayer: top_k must be in [1, num_experts] = [1, {num_experts}], got {top_k}")
         if overflow not in ("drop", "reroute"):
             raise ValueError(f"moe_ext.MoELayer: overflow must be 'drop' or 'reroute', got {overflow!r}")
-        if aux_loss_scope not in ("batch", "sequence"):
-            raise ValueError(f"moe_ext.MoELayer: aux_loss_scope must be 'batch' or 'sequence', got {aux_loss_scope!r}")
+        if aux_loss_scope not in ("batch", "sequence", "global"):
+            raise ValueError(f"moe_ext.MoELayer: aux_loss_scope must be 'batch', 'sequence' or 'global', got "
+                             f"{aux_loss_scope!r}")
         if drop_policy not in ("position", "probs"):
             raise ValueError(f"moe_ext.MoELayer: drop_policy must be 'position' or 'probs', got {drop_policy!r}")
         if drop_policy == "probs" and overflow != "drop":
@@ -179,7 +182,7 @@ class MoELayer(nn.Module):
         self.capacity_factor, self.overflow, self.routing = capacity_factor, overflow, routing
         self.drop_policy = drop_policy
         self.jitter_eps, self.aux_loss_coef, self.z_loss_coef = jitter_eps, aux_loss_coef, z_loss_coef
-        self.aux_loss_scope = aux_loss_scope
+        self.aux_loss_scope, self.aux_loss_group = aux_loss_scope, aux_loss_group
         self.n_group, self.topk_group = n_group or 1, topk_group or 1
         self.routed_scaling_factor = routed_scaling_factor
         self.attach_aux_loss, self.aux_loss_grad_scale = attach_aux_loss, 1.0
@@ -276,10 +279,13 @@ class MoELayer(nn.Module):
         slots = T * self.top_k
         aux = r.score_sum.sum() * 0.0
         if self.aux_loss_coef and r.tokens_chosen is not None:
-            if getattr(self, "aux_loss_scope", "batch") == "sequence":
+            scope = getattr(self, "aux_loss_scope", "batch")
+            if scope == "sequence":
                 # Sequences are the input's rows: x [B, S, H] holds B of them, x [S, H] one.
                 num_seqs = math.prod(shape[:-2]) if len(shape) > 2 else 1
                 lbl = sequence_load_balancing_loss(r.logits, r.chosen_ids, num_seqs, self.top_k, self.score_func)
+            elif scope == "global":
+                lbl = global_load_balancing_loss(r.tokens_chosen, r.score_sum, T, self.top_k, self.aux_loss_group)
             else:
                 lbl = load_balancing_loss(r.tokens_chosen, r.score_sum, T, self.top_k)
             aux = aux + self.aux_loss_coef * lbl

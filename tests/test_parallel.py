@@ -246,3 +246,26 @@ def test_fsdp2_fully_shard_matches_unsharded():
     ranks, equal the unsharded layer's."""
     out = launch(_fsdp2_worker, 2, timeout_s=TIMEOUT_S)
     assert "experts.w1" in out[0] and "router.weight" in out[0]
+
+
+def _global_aux_worker(rank, world):
+    c = dict(H=12, F=10, E=5, k=2, Ts=[7, 0, 11][:world], kw=dict(aux_loss_coef=0.1, aux_loss_scope="global"))
+    layer = _make_layer(c)
+    x, _ = _inputs(rank, c)
+    layer(x)  # a rank without tokens takes part in the all-reduce too
+    # Reference: the counts of every rank's tokens (each rank can route them: the same router), P local.
+    counts = sum(layer.route(_inputs(r, c)[0]).tokens_chosen.double() for r in range(world))
+    r = layer.route(x)
+    p = r.score_sum / max(x.shape[0], 1)
+    want = 0.1 * c["E"] * (counts / counts.sum() * p).sum()
+    torch.testing.assert_close(layer.aux_loss, want.to(layer.aux_loss.dtype), atol=1e-12, rtol=1e-10)
+    (g,) = torch.autograd.grad(layer.aux_loss, layer.router.weight, allow_unused=True)
+    (w,) = torch.autograd.grad(want, layer.router.weight, allow_unused=True)
+    if x.shape[0]:
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+    return float(layer.aux_loss.detach())
+
+
+def test_global_batch_aux_loss_sums_the_counts_over_ranks():
+    out = launch(_global_aux_worker, 3, timeout_s=TIMEOUT_S)
+    assert out[1] == 0.0 and out[0] > 0 and out[2] > 0

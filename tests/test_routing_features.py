@@ -186,5 +186,15 @@ def test_layer_sequence_scope(kw):
     layer(x[0])
     torch.testing.assert_close(layer.aux_loss, 0.1 * R.sequence_load_balancing_loss(
         layer.router(x[0]), layer.route(x[0]).chosen_ids, 1, 3, layer.score_func))
-    with pytest.raises(ValueError, match="aux_loss_scope must be 'batch' or 'sequence', got 'seq'"):
+    with pytest.raises(ValueError, match="aux_loss_scope must be 'batch', 'sequence' or 'global', got 'seq'"):
         moe_ext.MoELayer(16, 8, 7, 3, aux_loss_scope="seq")
+
+
+def test_global_scope_without_a_process_group_is_the_batch_loss():
+    torch.manual_seed(0)
+    batch = moe_ext.MoELayer(16, 8, 6, 2, aux_loss_coef=0.1).double()
+    glob = moe_ext.MoELayer(16, 8, 6, 2, aux_loss_coef=0.1, aux_loss_scope="global").double()
+    glob.load_state_dict(batch.state_dict())
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    batch(x), glob(x)
+    torch.testing.assert_close(glob.aux_loss, batch.aux_loss)
