@@ -193,3 +193,41 @@ def test_recompute_compiles():
     want = torch.autograd.grad(layer(x).square().sum(), [x, layer.experts.w1, layer.experts.w2])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def _random_config(seed):
+    """A random MoELayer configuration over the options that change the training path."""
+    rng = __import__("random").Random(seed)
+    E = rng.choice([3, 5, 7, 8])
+    k = rng.randint(1, E)
+    kw = dict(activation=rng.choice(sorted(MF.ACTIVATIONS)), bias=rng.random() < 0.3,
+              score_func=rng.choice(["softmax", "sigmoid"]), aux_loss_coef=rng.choice([0.0, 0.1]),
+              z_loss_coef=rng.choice([0.0, 0.01]), aux_loss_scope=rng.choice(["batch", "sequence", "global"]),
+              attach_aux_loss=rng.random() < 0.3, num_shared_experts=rng.choice([0, 0, 1]))
+    routing = rng.choice(["dropless", "drop", "probs", "reroute", "expert_choice"])
+    if routing == "expert_choice":
+        kw.update(routing="expert_choice", capacity_factor=rng.choice([None, 0.5, 1.5]))
+    elif routing != "dropless":
+        kw.update(capacity_factor=rng.choice([0.5, 1.0]), overflow="reroute" if routing == "reroute" else "drop",
+                  drop_policy="probs" if routing == "probs" else "position")
+    shape = (rng.randint(1, 3), rng.randint(0, 9), 24) if rng.random() < 0.7 else (rng.randint(0, 17), 24)
+    return E, k, kw, shape, rng.random() < 0.3
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_option_combinations_train_and_recompute_agrees(seed):
+    """Random combinations of the layer's training options: the forward and backward run, the
+    gradients are finite, and recompute=True gives the same bits; under CPU autocast too."""
+    E, k, kw, shape, autocast = _random_config(seed)
+    torch.manual_seed(seed)
+    plain = moe_ext.MoELayer(24, 16, E, k, **kw)
+    again = moe_ext.MoELayer(24, 16, E, k, recompute=True, **kw)
+    again.load_state_dict(plain.state_dict())
+    x = torch.randn(*shape)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        got, want = _grads(again, x, _plain), _grads(plain, x, _plain)
+    assert got[0].shape == x.shape
+    _assert_same(got, want)
+    for g in want[1]:
+        assert g is None or torch.isfinite(g).all()
