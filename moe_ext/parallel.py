@@ -2,16 +2,16 @@
 tokens exchanged with two all-to-alls (dispatch and combine), forward and backward.
 
     layer = moe_ext.MoELayer(H, F, E, k, ...)          # same seed / weights on every rank
-    ep_layer = moe_ext.parallel.shard_experts(layer, group)   # keeps experts [r*E/W, (r+1)*E/W)
+    ep_layer = moe_ext.parallel.shard_experts(layer, group)   # keeps a contiguous range of experts
     y = ep_layer(x)                                    # x: this rank's tokens [..., H]
 
-Forward on each rank (W ranks in the group, E_l = E / W local experts, T local tokens):
+Forward on each rank (W ranks in the group, E_l local experts: E // W or one more, T local tokens):
 
  1. route locally: router GEMM (replicated router), topk_gating over all E experts, optional capacity
     (computed from the local T, as the unsharded layer on this rank's tokens would);
  2. permute by GLOBAL expert id: rows come out grouped by expert, hence by destination rank, since
     every rank owns a contiguous range of experts;
- 3. exchange the per-expert counts [E] (all_to_all_single, E_l ints to each rank): rank r learns how
+ 3. exchange the per-expert counts [E] (all_to_all_single, each rank's E_l ints to it): rank r learns how
     many rows every source rank sends to each of its local experts;
  4. HOST SYNC (the only one): one .tolist() of [send rows per rank, receive rows per rank] (2W
     ints). all_to_all_single with uneven splits needs its split sizes as Python ints, and the receive
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from . import functional as MF
 from .modules import Experts, MoELayer
 
-__all__ = ["ExpertParallelMoELayer", "shard_experts", "expert_range", "make_ep_dp_groups", "EPDPGroups",
+__all__ = ["ExpertParallelMoELayer", "shard_experts", "expert_range", "expert_ranges", "make_ep_dp_groups", "EPDPGroups",
            "all_reduce_gradients", "all_to_all"]
 
 
@@ -96,16 +96,24 @@ def all_to_all(x: Tensor, out_splits, in_splits, group=None, stats: Optional[dic
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group, stats)
 
 
+def expert_ranges(num_experts: int, world_size: int):
+    """Every rank's contiguous expert range [lo, hi): E // W experts each, one more for the first E % W
+    ranks (E = 60 over 8 ranks: 8, 8, 8, 8, 7, 7, 7, 7). Every rank holds at least one expert."""
+    if world_size < 1:
+        raise ValueError(f"moe_ext.parallel: the expert-parallel group size must be >= 1, got {world_size}")
+    if num_experts < world_size:
+        raise ValueError(f"moe_ext.parallel: num_experts = {num_experts} is smaller than the expert-parallel group "
+                         f"size {world_size}; every rank must hold at least one expert (use a smaller group)")
+    base, extra = divmod(num_experts, world_size)
+    bounds = [r * base + min(r, extra) for r in range(world_size + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def expert_range(num_experts: int, world_size: int, rank: int):
-    """This rank's contiguous expert range [lo, hi). E must be divisible by the group size."""
-    if world_size < 1 or not 0 <= rank < world_size:
+    """This rank's contiguous expert range [lo, hi) (see expert_ranges)."""
+    if not 0 <= rank < world_size:
         raise ValueError(f"moe_ext.parallel: rank {rank} is not in a group of size {world_size}")
-    if num_experts % world_size:
-        raise ValueError(f"moe_ext.parallel: num_experts = {num_experts} is not divisible by the expert-parallel "
-                         f"group size {world_size}; every rank must hold the same number of experts (pick a group "
-                         f"size that divides E, or pad the layer with unused experts)")
-    n = num_experts // world_size
-    return rank * n, (rank + 1) * n
+    return expert_ranges(num_experts, world_size)[rank]
 
 
 class ExpertParallelMoELayer(nn.Module):
@@ -134,8 +142,11 @@ class ExpertParallelMoELayer(nn.Module):
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         E = layer.num_experts
-        lo, hi = expert_range(E, self.ep_size, self.ep_rank)
+        ranges = expert_ranges(E, self.ep_size)
+        lo, hi = ranges[self.ep_rank]
         self.num_local_experts = hi - lo
+        self.experts_per_rank = [b - a for a, b in ranges]
+        self.range_ends = [b - 1 for _, b in ranges]  # each rank's last expert
         self.local_expert_ids = list(range(lo, hi))
         for name in MoELayer.ROUTING_ATTRS + ("attach_aux_loss", "aux_loss_grad_scale", "recompute"):
             setattr(self, name, getattr(layer, name))
@@ -175,11 +186,15 @@ class ExpertParallelMoELayer(nn.Module):
         # autocast in its dtype, which halves the bytes the all-to-alls move.
         x_sorted, offsets, row_map = MF.permute(MF._expert_rows(x), ids, E, max_rows)
         counts = offsets[1:] - offsets[:-1]  # [E] int64, on the device
-        recv_counts = torch.empty_like(counts)  # [W * E_l]: rows from source s for local expert e at s*E_l+e
+        per_rank = self.experts_per_rank  # rank r holds the next per_rank[r] experts
+        recv_counts = counts.new_empty(W * El)  # rows from source s for local expert e at s*E_l+e
         _timed(self.comm_stats, "comm_s",
-               lambda: dist.all_to_all_single(recv_counts, counts, group=self.group))
+               lambda: dist.all_to_all_single(recv_counts, counts, [El] * W, per_rank, group=self.group))
+        # Rows for each destination rank: the counts summed over its expert range (ranges may differ).
+        ends = offsets[1:][torch.tensor(self.range_ends, device=offsets.device)]
+        send_rows = ends - torch.cat([offsets[:1], ends[:-1]])
         # The one host sync: split sizes for the uneven all-to-alls must be Python ints.
-        sizes = torch.cat([counts.view(W, El).sum(1), recv_counts.view(W, El).sum(1)]).tolist()
+        sizes = torch.cat([send_rows, recv_counts.view(W, El).sum(1)]).tolist()
         send_splits, recv_splits = sizes[:W], sizes[W:]
         n_send, n_recv = sum(send_splits), sum(recv_splits)
 
@@ -229,7 +244,8 @@ def shard_experts(layer: MoELayer, group=None) -> ExpertParallelMoELayer:
     """A module holding only this rank's experts of `layer` (contiguous ranges over `group`, default
     the world), routing over all E experts with a copy of the router. Every rank must pass a layer with
     the same weights (same seed or a broadcast). The returned module copies what it keeps: drop `layer`
-    to free the other experts. Raises ValueError when E is not divisible by the group size."""
+    to free the other experts. E need not divide by the group size (expert_ranges); E < group size
+    raises ValueError."""
     return ExpertParallelMoELayer(layer, group)
 
 

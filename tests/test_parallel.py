@@ -11,7 +11,7 @@ import torch
 
 import moe_ext
 from moe_ext._dist_launch import launch
-from moe_ext.parallel import expert_range
+from moe_ext.parallel import expert_range, expert_ranges
 
 TIMEOUT_S = 150
 
@@ -53,9 +53,10 @@ def _check_case(rank, world, c, groups):
     # The reference: the default path, adding .aux_loss to its loss (ep may attach it, or recompute).
     full.attach_aux_loss = full.recompute = False
     ep_size = groups.ep_size if groups else world
-    El = c["E"] // ep_size
     ep_rank = dist.get_rank(groups.ep_group) if groups else rank
-    assert ep.local_expert_ids == list(range(ep_rank * El, (ep_rank + 1) * El))
+    lo, hi = expert_range(c["E"], ep_size, ep_rank)
+    El = hi - lo
+    assert ep.local_expert_ids == list(range(lo, hi))
     assert ep.experts.w1.shape[0] == El and isinstance(ep.experts.w1, torch.nn.Parameter)
     assert ep.experts.w2.shape == (El,) + tuple(full.experts.w2.shape[1:])
     # Reference: the unsharded layer on each rank's own tokens; gradients summed over all ranks.
@@ -111,9 +112,8 @@ def _cases_worker(rank, world, runs, check_errors=False):
 
 def _check_errors():
     from moe_ext.parallel import shard_experts
-    layer = moe_ext.MoELayer(8, 8, 3, 1)
-    with pytest.raises(ValueError, match=r"num_experts = 3 is not divisible by the expert-parallel group size 2"):
-        shard_experts(layer)
+    with pytest.raises(ValueError, match=r"num_experts = 1 is smaller than the expert-parallel group size 2"):
+        shard_experts(moe_ext.MoELayer(8, 8, 1, 1))
     with pytest.raises(TypeError, match="MoELayer"):
         shard_experts(torch.nn.Linear(2, 2))
 
@@ -145,8 +145,12 @@ def test_expert_parallel_two_ranks_matches_unsharded():
         # recompute=True on the local experts, several per rank and one (E=2).
         dict(base, Ts=[9, 4], kw=dict(bias=True, recompute=True)),
         dict(H=8, F=6, E=2, k=1, Ts=[3, 7], kw=dict(recompute=True, activation="gelu_no_mul")),
+        # Uneven expert ranges: E=5 over two ranks holds 3 + 2; E=3 holds 2 + 1 (the one-expert branch).
+        dict(H=8, F=6, E=5, k=2, Ts=[9, 6], kw=dict(bias=True, aux_loss_coef=0.01)),
+        dict(H=8, F=6, E=3, k=2, Ts=[5, 8], kw=dict(recompute=True)),
+        dict(H=8, F=6, E=3, k=3, Ts=[4, 0], kw=dict(capacity_factor=0.6)),
     ]
-    # Also: E % world != 0 is a clear error (see test_indivisible_experts_error).
+    # Also: E < world is a clear error (see test_expert_ranges).
     out = launch(_cases_worker, 2, [(None, cases)], True, timeout_s=TIMEOUT_S)
     # Sanity: tokens actually crossed ranks.
     assert sum(r[0]["comm"]["dispatch_rows_sent"] for r in out) > 0
@@ -157,17 +161,23 @@ def test_expert_parallel_four_ranks_ep2_dp2_and_pure_ep():
     # EP=2 x DP=2: expert grads all-reduced over the DP group, router/shared grads over the world.
     ep_dp = [dict(H=10, F=8, E=4, k=2, Ts=[5, 0, 8, 3], kw=dict(bias=True, num_shared_experts=1,
                                                                 aux_loss_coef=0.01))]
-    pure = [dict(H=10, F=8, E=8, k=3, Ts=[4, 9, 0, 6])]
+    pure = [dict(H=10, F=8, E=8, k=3, Ts=[4, 9, 0, 6]),
+            dict(H=10, F=8, E=7, k=3, Ts=[6, 2, 5, 8])]  # uneven: 2, 2, 2, 1 experts
     out = launch(_cases_worker, 4, [(2, ep_dp), (None, pure)], timeout_s=TIMEOUT_S)
     assert [o[0]["comm"]["send_splits"].__len__() for o in out] == [2] * 4
     assert [o[1]["comm"]["send_splits"].__len__() for o in out] == [4] * 4
+    assert [o[2]["received"].__len__() for o in out] == [2, 2, 2, 1]
 
 
-def test_indivisible_experts_error():
+def test_expert_ranges():
     # In a live group too: test_expert_parallel_two_ranks_matches_unsharded (check_errors).
-    with pytest.raises(ValueError, match="not divisible"):
-        expert_range(6, 4, 0)
     assert expert_range(6, 3, 2) == (4, 6)
+    assert expert_ranges(60, 8) == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 39), (39, 46), (46, 53), (53, 60)]
+    assert expert_ranges(7, 4) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    with pytest.raises(ValueError, match="num_experts = 3 is smaller than the expert-parallel group size 4"):
+        expert_range(3, 4, 0)
+    with pytest.raises(ValueError, match="rank 4 is not in a group of size 4"):
+        expert_range(8, 4, 4)
 
 
 def _hang_worker(rank, world):
