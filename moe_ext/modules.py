@@ -102,6 +102,16 @@ class SharedExperts(nn.Module):
         return torch.einsum("tsf,shf->th", MF.apply_activation(h, self.activation), self.w2)
 
 
+class _Shared:
+    """Holds an object that copy.deepcopy shares instead of copying (a process group, which cannot be)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class Routing(NamedTuple):
     """MoELayer.route's result for x [T, H]; k' = top_k, or E for expert choice."""
     logits: Tensor                   # [T, E]
@@ -196,6 +206,17 @@ class MoELayer(nn.Module):
                                    if shared_expert_gate else None)
         self.aux_loss: Tensor = torch.zeros(())
         self.last_stats: dict = {}
+
+    @property
+    def aux_loss_group(self):
+        """The process group aux_loss_scope="global" sums the counts over (None: the world). A deep copy of
+        the layer shares it."""
+        holder = self.__dict__.get("_aux_loss_group")
+        return None if holder is None else holder.obj
+
+    @aux_loss_group.setter
+    def aux_loss_group(self, group):
+        self.__dict__["_aux_loss_group"] = None if group is None else _Shared(group)
 
     def capacity(self, num_tokens: int) -> int:
         cf = self.capacity_factor if self.capacity_factor is not None else 1.0

@@ -259,8 +259,13 @@ def test_fsdp2_fully_shard_matches_unsharded():
 
 
 def _global_aux_worker(rank, world):
-    c = dict(H=12, F=10, E=5, k=2, Ts=[7, 0, 11][:world], kw=dict(aux_loss_coef=0.1, aux_loss_scope="global"))
-    layer = _make_layer(c)
+    import copy
+    import torch.distributed as dist
+    group = dist.new_group(list(range(world)))
+    c = dict(H=12, F=10, E=5, k=2, Ts=[7, 0, 11][:world],
+             kw=dict(aux_loss_coef=0.1, aux_loss_scope="global", aux_loss_group=group))
+    layer = copy.deepcopy(_make_layer(c))  # a deep copy shares the process group (which cannot be copied)
+    assert layer.aux_loss_group is group
     x, _ = _inputs(rank, c)
     layer(x)  # a rank without tokens takes part in the all-reduce too
     # Reference: the counts of every rank's tokens (each rank can route them: the same router), P local.
