@@ -259,11 +259,14 @@ def permute_expert_ffn(x: Tensor, expert_ids: Tensor, num_experts: int, w1: Tens
 
 
 def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tensor, topk: int,
-              renormalize: bool = True, *, activation: str = "silu", score_func: str = "softmax",
-              expert_bias: Optional[Tensor] = None, num_expert_group: int = 1, topk_group: int = 1,
-              routed_scaling_factor: float = 1.0, w1_bias: Optional[Tensor] = None,
-              w2_bias: Optional[Tensor] = None, recompute: bool = False) -> Tensor:
-    """Drop-in fused MoE (vLLM's argument order), differentiable in all four tensor inputs.
+              renormalize: bool = True, inplace: bool = False, *, activation: str = "silu",
+              score_func: str = "softmax", expert_bias: Optional[Tensor] = None,
+              use_grouped_topk: Optional[bool] = None, num_expert_group: Optional[int] = 1,
+              topk_group: Optional[int] = 1, routed_scaling_factor: float = 1.0,
+              w1_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None,
+              global_num_experts: int = -1, expert_map: Optional[Tensor] = None,
+              recompute: bool = False) -> Tensor:
+    """Drop-in fused MoE (vLLM's argument order and names), differentiable in all four tensor inputs.
 
     hidden_states [..., H]; w1 [E, 2F, H] (gated "silu"/"gelu": gate rows then up rows, as in
     transformers' gate_up_proj and vLLM's w1) or [E, F, H] ("silu_no_mul", "gelu_no_mul",
@@ -271,8 +274,15 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
     experts by softmax (or sigmoid) scores, renormalising the chosen weights when renormalize, and
     returns sum_j weight_j * expert_j(x) shaped like hidden_states. Under torch.autocast the expert
     GEMMs run in the autocast dtype, as does the result (docs/ops.md, "Mixed precision").
-    recompute=True: the backward recomputes the grouped tokens and the activation instead of saving
-    them (permute_expert_ffn).
+
+    vLLM's options: inplace=True writes the result into hidden_states and returns it (inference: not
+    with inputs that need gradients). Group-limited routing (num_expert_group groups, the topk_group
+    best kept) applies when use_grouped_topk is True, or, left None, when num_expert_group > 1; False
+    routes over all experts. expert_map [E_global] int (expert parallelism): gating_output has E_global
+    columns, w1/w2 hold this rank's E_local experts, and expert_map[e] is expert e's local index or -1;
+    the result sums this rank's experts only (partial sums, to be reduced over the ranks).
+    global_num_experts, when given, must equal E_global. recompute=True: the backward recomputes the
+    grouped tokens and the activation instead of saving them (permute_expert_ffn).
     """
     H = hidden_states.shape[-1]
     x = hidden_states.reshape(-1, H)
@@ -280,9 +290,28 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
     if logits.shape[0] != x.shape[0]:
         raise ValueError(f"moe_ext.fused_moe: gating_output must have one row per token ({x.shape[0]}), got "
                          f"{tuple(gating_output.shape)}")
-    E, _ = check_expert_weights(w1, w2, activation, H, logits.shape[1])
+    E_global = logits.shape[1]
+    if global_num_experts not in (-1, None) and global_num_experts != E_global:
+        raise ValueError(f"moe_ext.fused_moe: global_num_experts = {global_num_experts} but gating_output has "
+                         f"{E_global} columns")
+    if expert_map is not None and (expert_map.dim() != 1 or expert_map.shape[0] != E_global
+                                   or expert_map.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"moe_ext.fused_moe: expert_map must be [E_global] = [{E_global}] int32 or int64, got "
+                         f"{tuple(expert_map.shape)} {expert_map.dtype}")
+    E, _ = check_expert_weights(w1, w2, activation, H, E_global if expert_map is None else None)
+    groups = num_expert_group or 1
+    if use_grouped_topk is False:
+        groups, topk_group = 1, 1
+    elif use_grouped_topk and groups <= 1:
+        raise ValueError("moe_ext.fused_moe: use_grouped_topk=True needs num_expert_group > 1")
     g = topk_gating(logits, topk, score_func=score_func, renormalize=renormalize, expert_bias=expert_bias,
-                    num_groups=num_expert_group, topk_groups=topk_group, routed_scaling=routed_scaling_factor)
-    y_sorted, offsets, row_map = permute_expert_ffn(x, g.expert_ids, E, w1, w2, activation, w1_bias, w2_bias,
+                    num_groups=groups, topk_groups=topk_group or 1, routed_scaling=routed_scaling_factor)
+    ids = g.expert_ids
+    if expert_map is not None:  # global ids -> this rank's local ids, -1 (no compute) for the others
+        ids = expert_map.to(ids.device)[ids.long()].to(torch.int32)
+    y_sorted, offsets, row_map = permute_expert_ffn(x, ids, E, w1, w2, activation, w1_bias, w2_bias,
                                                     recompute=recompute)
-    return unpermute(y_sorted, row_map, g.weights).reshape(hidden_states.shape)
+    out = unpermute(y_sorted, row_map, g.weights).reshape(hidden_states.shape)
+    if inplace:
+        return hidden_states.copy_(out)
+    return out

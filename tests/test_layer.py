@@ -41,6 +41,50 @@ def test_fused_moe_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: moe_ext.fused_moe(*a, k), (x, w1, w2, lg))
 
 
+@pytest.mark.parametrize("split", [[4, 3], [2, 2, 2, 1], [7]])
+def test_fused_moe_expert_map_partial_sums(split):
+    """vLLM's expert parallelism: each rank holds a range of the E global experts and an expert_map;
+    its partial result sums its own experts, and the partial results add up to the whole layer."""
+    T, H, F, E, k = 23, 72, 40, 7, 3
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    lg = torch.randn(T, E, dtype=torch.float64)
+    w1, w2 = make_weights(E, F, H)
+    want = moe_ext.fused_moe(x, w1, w2, lg, k)
+    total, lo = 0, 0
+    for n in split:
+        emap = torch.full((E,), -1, dtype=torch.int32)
+        emap[lo:lo + n] = torch.arange(n, dtype=torch.int32)
+        total = total + moe_ext.fused_moe(x, w1[lo:lo + n], w2[lo:lo + n], lg, k, global_num_experts=E, expert_map=emap)
+        lo += n
+    torch.testing.assert_close(total, want)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(total, (x, w1, w2), g), torch.autograd.grad(want, (x, w1, w2), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_moe_vllm_options():
+    T, H, F, E, k = 9, 16, 8, 8, 2
+    x, lg = torch.randn(T, H, dtype=torch.float64), torch.randn(T, E, dtype=torch.float64)
+    w1, w2 = (w.detach() for w in make_weights(E, F, H))
+    want = moe_ext.fused_moe(x, w1, w2, lg, k)
+    buf = x.clone()
+    out = moe_ext.fused_moe(buf, w1, w2, lg, k, True, True)  # vLLM's positional renormalize, inplace
+    assert out is buf and torch.equal(buf, want)
+    grouped = moe_ext.fused_moe(x, w1, w2, lg, k, num_expert_group=4, topk_group=1)
+    assert torch.equal(moe_ext.fused_moe(x, w1, w2, lg, k, use_grouped_topk=True, num_expert_group=4, topk_group=1),
+                       grouped)
+    assert torch.equal(moe_ext.fused_moe(x, w1, w2, lg, k, use_grouped_topk=False, num_expert_group=4, topk_group=1),
+                       want)  # vLLM: groups only with use_grouped_topk
+    assert torch.equal(moe_ext.fused_moe(x, w1, w2, lg, k, num_expert_group=None, topk_group=None), want)
+    assert not torch.equal(grouped, want)
+    with pytest.raises(ValueError, match="use_grouped_topk=True needs num_expert_group > 1"):
+        moe_ext.fused_moe(x, w1, w2, lg, k, use_grouped_topk=True)
+    with pytest.raises(ValueError, match="global_num_experts = 9 but gating_output has 8 columns"):
+        moe_ext.fused_moe(x, w1, w2, lg, k, global_num_experts=9)
+    with pytest.raises(ValueError, match=r"expert_map must be \[E_global\] = \[8\] int32 or int64, got \(7,\)"):
+        moe_ext.fused_moe(x, w1, w2, lg, k, expert_map=torch.zeros(7, dtype=torch.int32))
+
+
 def test_layer_matches_textbook_naive_loop_seed_chapter_expert():
     # The seed chapter's layer: 8 experts, top-2, Linear-GELU-Linear experts with biases.
     layer = moe_ext.MoELayer(32, 64, 8, 2, activation="gelu_no_mul", bias=True).double()
