@@ -22,6 +22,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fail(outdir, rank):
+    """Write this rank's traceback (whole, via a rename: the launcher never reads half a file) and exit."""
+    path = os.path.join(outdir, f"{rank}.err")
+    with open(path + ".tmp", "w") as f:
+        f.write(traceback.format_exc())
+    os.replace(path + ".tmp", path)
+    os._exit(1)
+
+
 def _worker(rank, world, port, outdir, fn, args, collective_timeout_s, threads):
     import torch.distributed as dist
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -31,13 +40,14 @@ def _worker(rank, world, port, outdir, fn, args, collective_timeout_s, threads):
                                 timeout=timedelta(seconds=collective_timeout_s))
         try:
             result = fn(rank, world, *args)
-        finally:
-            dist.destroy_process_group()
+        except BaseException:
+            # Before the process group goes: closing it fails the peers' collectives at once, and the
+            # launcher then stops this process, which would lose the traceback that explains it all.
+            _fail(outdir, rank)
+        dist.destroy_process_group()
         torch.save(result, os.path.join(outdir, f"{rank}.pt"))
     except BaseException:
-        with open(os.path.join(outdir, f"{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
+        _fail(outdir, rank)
 
 
 def launch(fn, world_size: int, *args, timeout_s: float = 120.0, collective_timeout_s: float = 60.0,
@@ -67,6 +77,10 @@ def launch(fn, world_size: int, *args, timeout_s: float = 120.0, collective_time
                         p.join(timeout=0.05)
                         break
         finally:
+            if failed:  # a short grace: the other failing ranks write their tracebacks and exit themselves
+                grace = time.monotonic() + 2.0
+                while any(p.is_alive() for p in procs) and time.monotonic() < grace:
+                    time.sleep(0.05)
             for p in procs:
                 if p.is_alive():
                     p.terminate()
