@@ -11,24 +11,38 @@ Sequence-wise balance loss (DeepSeek-V3's complementary loss): the same product 
 z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
 Both differentiate back to the router logits through score_sum and lse (f_e is a count: no gradient).
 """
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 
-def load_balancing_loss(tokens_per_expert: Tensor, score_sum: Tensor, num_tokens: int, top_k: int) -> Tensor:
-    """tokens_per_expert [E] (slots per expert), score_sum [E] (sum over tokens of full scores)."""
+def _per_token(num_tokens: Union[int, Tensor]):
+    """num_tokens as a divisor: at least 1 (no tokens: the sums are 0, and so is the loss). A device
+    tensor (the count of unmasked tokens) stays on the device."""
+    return num_tokens.clamp_min(1) if isinstance(num_tokens, Tensor) else max(num_tokens, 1)
+
+
+def expert_counts(keys: Tensor, n: int) -> Tensor:
+    """How many entries of keys (any shape, integer) equal each of 0 .. n-1, as int64 [n]; other values
+    (-1: dropped) count nowhere. A sort and a binary search: deterministic, no atomics, no host sync."""
+    flat = torch.sort(keys.reshape(-1)).values
+    edges = torch.searchsorted(flat, torch.arange(n + 1, device=keys.device, dtype=flat.dtype))
+    return edges[1:] - edges[:-1]
+
+
+def load_balancing_loss(tokens_per_expert: Tensor, score_sum: Tensor, num_tokens: Union[int, Tensor],
+                        top_k: int) -> Tensor:
+    """tokens_per_expert [E] (slots per expert), score_sum [E] (sum over tokens of full scores);
+    num_tokens: an int, or a 0-d tensor (the unmasked tokens of a padded batch)."""
     E = score_sum.shape[0]
-    if num_tokens == 0:
-        return score_sum.sum() * 0.0
-    f = tokens_per_expert.to(score_sum.dtype) / (num_tokens * top_k)
-    p = score_sum / num_tokens
-    return E * (f * p).sum()
+    n = _per_token(num_tokens)
+    f = tokens_per_expert.to(score_sum.dtype) / (n * top_k)
+    return E * (f * (score_sum / n)).sum()
 
 
-def global_load_balancing_loss(tokens_per_expert: Tensor, score_sum: Tensor, num_tokens: int, top_k: int,
-                               group=None) -> Tensor:
+def global_load_balancing_loss(tokens_per_expert: Tensor, score_sum: Tensor, num_tokens: Union[int, Tensor],
+                               top_k: int, group=None) -> Tensor:
     """Global-batch balance loss (Qwen, "Demons in the Detail", 2025): E * sum_e f_e * P_e with f_e from the
     slot counts summed over the data-parallel `group` (default: the world) and P_e = score_sum / T from
     this rank's tokens, so the constraint applies to the whole global batch instead of each micro-batch.
@@ -42,20 +56,20 @@ def global_load_balancing_loss(tokens_per_expert: Tensor, score_sum: Tensor, num
         from torch.distributed import _functional_collectives as funcol
         counts = funcol.all_reduce(counts, "sum", group if group is not None else torch.distributed.group.WORLD)
     f = counts.to(score_sum.dtype) / counts.sum().clamp_min(1).to(score_sum.dtype)
-    p = score_sum / max(num_tokens, 1)
-    return score_sum.shape[0] * (f * p).sum()
+    return score_sum.shape[0] * (f * (score_sum / _per_token(num_tokens))).sum()
 
 
 def sequence_load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_seqs: int, top_k: int,
-                                 score_func: str = "softmax") -> Tensor:
+                                 score_func: str = "softmax", token_mask: Optional[Tensor] = None) -> Tensor:
     """DeepSeek-V3's sequence-wise balance loss, averaged over sequences: mean_b E * sum_e f_be * P_be.
 
     logits [T, E] with T = num_seqs * S tokens, sequence-major (x [B, S, H] flattened); expert_ids [T, k]
     the chosen experts (before capacity drops; -1 counts nowhere). f_be = (slots of sequence b routed to e)
-    / (k * S); P_be = mean over the tokens of sequence b of s'_te = s_te / sum_j s_tj, where s is the
+    / (k * S_b); P_be = mean over the tokens of sequence b of s'_te = s_te / sum_j s_tj, where s is the
     softmax or sigmoid score (for softmax s' = s, and with one sequence this is load_balancing_loss).
-    Differentiable w.r.t. logits through P. Deterministic, no host synchronisation: the counts come
-    from a comparison against every expert ([T, k, E] booleans), not from atomics.
+    token_mask [T] bool: only its tokens count (S_b of them in sequence b; give masked tokens id -1);
+    sequences without tokens are left out of the mean. Differentiable w.r.t. logits through P.
+    Deterministic, no host synchronisation (expert_counts).
     """
     T, E = logits.shape
     if T == 0:
@@ -70,10 +84,17 @@ def sequence_load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_seqs: i
         s = s / s.sum(-1, keepdim=True)
     else:
         s = torch.softmax(lg, dim=-1)
-    p = s.view(num_seqs, S, E).mean(1)
-    hits = expert_ids.unsqueeze(-1) == torch.arange(E, device=expert_ids.device, dtype=expert_ids.dtype)
-    f = hits.view(num_seqs, S * top_k, E).sum(1).to(p.dtype) * (E / (top_k * S))
-    return (f * p).sum(-1).mean()
+    seq = torch.arange(T, device=logits.device) // S
+    keys = torch.where(expert_ids >= 0, seq.unsqueeze(1) * E + expert_ids.long(), -1)
+    counts = expert_counts(keys, num_seqs * E).view(num_seqs, E).to(s.dtype)
+    if token_mask is None:
+        p = s.view(num_seqs, S, E).mean(1)
+        return (counts * (E / (top_k * S)) * p).sum(-1).mean()
+    m = token_mask.reshape(T, 1).to(s.dtype)
+    tokens = m.view(num_seqs, S).sum(1, keepdim=True)  # S_b
+    p = (s * m).view(num_seqs, S, E).sum(1) / tokens.clamp_min(1)
+    per_seq = (counts * E / (top_k * tokens.clamp_min(1)) * p).sum(-1)
+    return per_seq.sum() / (tokens > 0).sum().clamp_min(1)
 
 
 def z_loss(lse: Tensor) -> Tensor:

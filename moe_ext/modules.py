@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as MF
-from .losses import (attach_aux_loss, global_load_balancing_loss, load_balancing_loss, sequence_load_balancing_loss,
-                     z_loss)
+from .losses import (attach_aux_loss, expert_counts, global_load_balancing_loss, load_balancing_loss,
+                     sequence_load_balancing_loss, z_loss)
 from .routing import apply_capacity, expert_choice
 
 
@@ -122,6 +122,7 @@ class Routing(NamedTuple):
     score_sum: Tensor                # [E]
     lse: Tensor                      # [T]
     chosen_ids: Optional[Tensor]     # [T, k] before capacity; None for expert choice
+    token_mask: Optional[Tensor] = None  # [T] bool: the tokens that count (None: all)
 
 
 class MoELayer(nn.Module):
@@ -222,8 +223,9 @@ class MoELayer(nn.Module):
         cf = self.capacity_factor if self.capacity_factor is not None else 1.0
         return math.ceil(cf * num_tokens * self.top_k / self.num_experts)
 
-    def route(self, x: Tensor) -> Routing:
-        """Routing of x [T, H] (see Routing).
+    def route(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Routing:
+        """Routing of x [T, H] (see Routing); token_mask [T] bool: the other tokens get no expert (their
+        slots are -1, before capacity, so they take no room) and no part in the statistics.
 
         Reads only the router, the ROUTING_ATTRS, training and capacity(), so moe_ext.offload and
         moe_ext.parallel reuse it on a module with the same attributes.
@@ -236,7 +238,9 @@ class MoELayer(nn.Module):
             router_in = x * noise
         logits = self.router(router_in)
         if self.routing == "expert_choice":
-            weights, ids, scores, lse = expert_choice(logits, self.capacity(T), self.score_func)
+            weights, ids, scores, lse = expert_choice(logits, self.capacity(T), self.score_func, token_mask)
+            if token_mask is not None:
+                scores = scores * token_mask.reshape(T, 1)
             score_sum, tokens_chosen, chosen = scores.sum(0), None, None
             max_rows = self.num_experts * min(self.capacity(T), T)
         else:
@@ -244,18 +248,36 @@ class MoELayer(nn.Module):
                                expert_bias=getattr(self.router, "expert_bias", None), num_groups=self.n_group, topk_groups=self.topk_group,
                                routed_scaling=self.routed_scaling_factor)
             weights, ids, score_sum, lse, tokens_chosen = g.weights, g.expert_ids, g.score_sum, g.lse, g.tokens_per_expert
+            if token_mask is not None:
+                # Masked tokens choose nothing; the statistics are recounted over the others (the full
+                # scores as topk_gating sums them: softmax or sigmoid, without the selection bias).
+                keep = token_mask.reshape(T, 1)
+                ids = torch.where(keep, ids, torch.full_like(ids, -1))
+                tokens_chosen = expert_counts(ids, self.num_experts).to(torch.int32)
+                lg = logits if logits.dtype == torch.float64 else logits.float()
+                full = torch.sigmoid(lg) if self.score_func == "sigmoid" else torch.softmax(lg, dim=-1)
+                score_sum = (full * keep).sum(0)
             chosen, max_rows = ids, -1
             if self.capacity_factor is not None:
                 ids = apply_capacity(ids, logits, self.num_experts, self.capacity(T), self.overflow,
                                      score_func=self.score_func, expert_bias=getattr(self.router, "expert_bias", None),
                                      drop_policy=getattr(self, "drop_policy", "position"), weights=weights)
                 max_rows = min(T * self.top_k, self.num_experts * self.capacity(T))
-        return Routing(logits, weights, ids, max_rows, tokens_chosen, score_sum, lse, chosen)
+        return Routing(logits, weights, ids, max_rows, tokens_chosen, score_sum, lse, chosen,
+                       None if token_mask is None else token_mask.reshape(T))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+        """x [..., H] -> [..., H]. token_mask [...] bool (x's shape without H; e.g. an attention mask):
+        False marks padding, which gets no routed expert (its output is the shared experts' alone, or
+        zero), takes no capacity, and is left out of the aux losses and statistics."""
         shape = x.shape
+        if token_mask is not None:
+            if token_mask.shape != shape[:-1] or token_mask.dtype != torch.bool:
+                raise ValueError(f"moe_ext.MoELayer: token_mask must be a bool tensor of x's shape without the "
+                                 f"hidden dim, {tuple(shape[:-1])}, got {token_mask.dtype} {tuple(token_mask.shape)}")
+            token_mask = token_mask.to(x.device)
         x = x.reshape(-1, shape[-1])
-        r = self.route(x)
+        r = self.route(x, token_mask)
         if getattr(self, "recompute", False):
             ex = self.experts
             y_sorted, offsets, row_map = MF.permute_expert_ffn(x, r.expert_ids, self.num_experts, ex.w1, ex.w2,
@@ -296,29 +318,38 @@ class MoELayer(nn.Module):
     def _record(self, r: Routing, offsets: Tensor, shape):
         """Sets .aux_loss and .last_stats from the routing r of an input shaped `shape` [..., S, H]."""
         T = r.logits.shape[0]
+        m = r.token_mask
+        n = T if m is None else m.sum()  # the tokens that count: a device tensor under a mask (no sync)
         kept = (offsets[1:] - offsets[:-1]).to(torch.int32)
-        slots = T * self.top_k
+        slots = n * self.top_k
         aux = r.score_sum.sum() * 0.0
         if self.aux_loss_coef and r.tokens_chosen is not None:
             scope = getattr(self, "aux_loss_scope", "batch")
             if scope == "sequence":
                 # Sequences are the input's rows: x [B, S, H] holds B of them, x [S, H] one.
                 num_seqs = math.prod(shape[:-2]) if len(shape) > 2 else 1
-                lbl = sequence_load_balancing_loss(r.logits, r.chosen_ids, num_seqs, self.top_k, self.score_func)
+                lbl = sequence_load_balancing_loss(r.logits, r.chosen_ids, num_seqs, self.top_k, self.score_func, m)
             elif scope == "global":
-                lbl = global_load_balancing_loss(r.tokens_chosen, r.score_sum, T, self.top_k, self.aux_loss_group)
+                lbl = global_load_balancing_loss(r.tokens_chosen, r.score_sum, n, self.top_k, self.aux_loss_group)
             else:
-                lbl = load_balancing_loss(r.tokens_chosen, r.score_sum, T, self.top_k)
+                lbl = load_balancing_loss(r.tokens_chosen, r.score_sum, n, self.top_k)
             aux = aux + self.aux_loss_coef * lbl
         if self.z_loss_coef:
-            aux = aux + self.z_loss_coef * z_loss(r.lse)
+            aux = aux + self.z_loss_coef * (z_loss(r.lse) if m is None else
+                                            (r.lse * r.lse * m).sum() / n.clamp_min(1))
         self.aux_loss = aux
         with torch.no_grad():  # mean over tokens of the entropy of the softmax over experts, in nats
             logp = torch.log_softmax(r.logits.float(), dim=-1)
-            entropy = -(logp.exp() * logp).sum(-1).mean() if T else logp.sum()
-        self.last_stats = {
-            "tokens_per_expert": kept,
-            "drop_fraction": (1.0 - kept.sum().double() / slots) if slots and self.routing == "token_choice"
-            else torch.zeros((), dtype=torch.float64, device=kept.device),
-            "router_entropy": entropy,
-        }
+            ent = -(logp.exp() * logp).sum(-1)
+            if m is None:
+                entropy = ent.mean() if T else logp.sum()
+            else:
+                entropy = (ent * m).sum() / n.clamp_min(1)
+            if self.routing != "token_choice":
+                drop = torch.zeros((), dtype=torch.float64, device=kept.device)
+            elif m is None:
+                drop = (1.0 - kept.sum().double() / slots) if slots else torch.zeros((), dtype=torch.float64,
+                                                                                     device=kept.device)
+            else:
+                drop = torch.where(slots > 0, 1.0 - kept.sum().double() / slots.clamp_min(1).double(), 0.0)
+        self.last_stats = {"tokens_per_expert": kept, "drop_fraction": drop, "router_entropy": entropy}

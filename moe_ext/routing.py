@@ -84,8 +84,9 @@ def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacit
     return torch.ops.moe_ext.capacity_reroute(expert_ids, keys, capacity)
 
 
-def expert_choice(logits: Tensor, capacity: int, score_func: str = "softmax"):
-    """Expert-choice routing (Zhou et al. 2022): each expert takes its `capacity` best tokens.
+def expert_choice(logits: Tensor, capacity: int, score_func: str = "softmax", token_mask: Optional[Tensor] = None):
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its `capacity` best tokens
+    (token_mask [T] bool: only among those tokens; the others are never taken).
 
     logits [T, E] -> (weights [T, E] fp32 (fp64 for fp64 logits), expert_ids [T, E] int32,
     scores [T, E], lse [T]): slot (t, e) holds e when expert e took token t, else -1, and its weight
@@ -99,8 +100,13 @@ def expert_choice(logits: Tensor, capacity: int, score_func: str = "softmax"):
     C = min(capacity, T)
     taken_t = torch.zeros(E, T, dtype=torch.bool, device=logits.device)  # [E, T]: expert e took token t
     if C > 0:
-        top = torch.sort(-scores.detach().t(), dim=-1, stable=True).indices[:, :C]  # [E, C] token ids
+        key = -scores.detach().t()
+        if token_mask is not None:  # masked tokens rank after every real one, then are dropped
+            key = torch.where(token_mask.reshape(1, T), key, torch.full_like(key, float("inf")))
+        top = torch.sort(key, dim=-1, stable=True).indices[:, :C]  # [E, C] token ids
         taken_t.scatter_(1, top, True)
+        if token_mask is not None:
+            taken_t &= token_mask.reshape(1, T)
     taken = taken_t.t()
     arange_e = torch.arange(E, device=logits.device, dtype=torch.int32).expand(T, E)
     ids = torch.where(taken, arange_e, torch.full_like(arange_e, -1))

@@ -198,3 +198,95 @@ def test_global_scope_without_a_process_group_is_the_batch_loss():
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     batch(x), glob(x)
     torch.testing.assert_close(glob.aux_loss, batch.aux_loss)
+
+
+# ------------------------------------------------------------------------------------ token_mask (padding)
+def _padded(B=3, S=8, H=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, H, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([S, S // 2, 1])[:B]
+    mask = torch.arange(S).unsqueeze(0) < lengths.unsqueeze(1)
+    return x, mask
+
+
+@pytest.mark.parametrize("kw", [dict(aux_loss_coef=0.1, z_loss_coef=0.01),
+                                dict(aux_loss_coef=0.1, score_func="sigmoid", expert_bias=True, n_group=2, topk_group=1),
+                                dict(aux_loss_coef=0.1, aux_loss_scope="global")])
+def test_token_mask_equals_the_layer_on_the_real_tokens(kw):
+    """Dropless token choice: masked tokens get zero, and the real tokens' outputs, aux loss, statistics
+    and gradients are those of the layer run on the real tokens alone."""
+    torch.manual_seed(0)
+    layer = moe_ext.MoELayer(16, 8, 6, 2, **kw).double()
+    x, mask = _padded()
+    y = layer(x, token_mask=mask)
+    got_aux, got_stats = layer.aux_loss, dict(layer.last_stats)
+    real = x[mask]
+    y_ref = layer(real)
+    torch.testing.assert_close(y[mask], y_ref)
+    assert torch.equal(y[~mask], torch.zeros_like(y[~mask]))
+    torch.testing.assert_close(got_aux, layer.aux_loss)
+    assert torch.equal(got_stats["tokens_per_expert"], layer.last_stats["tokens_per_expert"])
+    torch.testing.assert_close(got_stats["router_entropy"], layer.last_stats["router_entropy"])
+    params = list(layer.parameters())
+    got = torch.autograd.grad(y.square().sum() + got_aux, params)
+    want = torch.autograd.grad(y_ref.square().sum() + layer.aux_loss, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_token_mask_sequence_scope():
+    layer = moe_ext.MoELayer(16, 8, 6, 2, aux_loss_coef=1.0, aux_loss_scope="sequence").double()
+    x, mask = _padded()
+    layer(x, token_mask=mask)
+    per_seq = []
+    for b in range(3):
+        xb = x[b][mask[b]]
+        r = layer.route(xb)
+        per_seq.append(R.sequence_load_balancing_loss(r.logits, r.chosen_ids, 1, 2))
+    torch.testing.assert_close(layer.aux_loss, torch.stack(per_seq).mean())
+
+
+@pytest.mark.parametrize("kw,S", [(dict(capacity_factor=0.5), 20), (dict(capacity_factor=0.5, drop_policy="probs"), 20),
+                                  (dict(capacity_factor=0.5, overflow="reroute"), 20),
+                                  (dict(routing="expert_choice"), 20),
+                                  (dict(routing="expert_choice", capacity_factor=4.0), 4)])  # capacity > real tokens
+def test_token_mask_takes_no_capacity(kw, S):
+    layer = moe_ext.MoELayer(16, 8, 6, 2, aux_loss_coef=0.1, **kw).double()
+    x, mask = _padded(B=3, S=S)
+    T = 3 * S
+    flat = mask.reshape(-1)
+    r = layer.route(x.reshape(-1, 16), flat)
+    assert (r.expert_ids[~flat] == -1).all()
+    if kw.get("routing") != "expert_choice" and kw.get("overflow") != "reroute":
+        g = moe_ext.topk_gating(r.logits, 2)
+        masked = torch.where(flat.unsqueeze(1), g.expert_ids, torch.full_like(g.expert_ids, -1))
+        want = R.capacity_drop(masked, layer.capacity(T), g.weights if kw.get("drop_policy") == "probs" else None)
+        assert torch.equal(r.expert_ids, want)
+    if kw.get("routing") == "expert_choice":
+        assert ((r.expert_ids >= 0).sum(0) == min(layer.capacity(T), int(flat.sum()))).all()
+    y = layer(x, token_mask=mask)
+    assert torch.isfinite(y).all() and torch.equal(y[~mask], torch.zeros_like(y[~mask]))
+    assert layer.last_stats["tokens_per_expert"].sum() == (r.expert_ids >= 0).sum()
+
+
+def test_token_mask_all_padding_and_errors():
+    layer = moe_ext.MoELayer(16, 8, 6, 2, aux_loss_coef=0.1, z_loss_coef=0.1, aux_loss_scope="sequence")
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y = layer(x, token_mask=torch.zeros(2, 5, dtype=torch.bool))
+    assert torch.equal(y, torch.zeros_like(y)) and float(layer.aux_loss.detach()) == 0.0
+    assert float(layer.last_stats["drop_fraction"]) == 0.0 and torch.isfinite(layer.last_stats["router_entropy"])
+    (y.sum() + layer.aux_loss).backward()
+    with pytest.raises(ValueError, match=r"token_mask must be a bool tensor of x's shape without the hidden dim, "
+                                         r"\(2, 5\), got torch.int64 \(2, 5\)"):
+        layer(x, token_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(2, 5\), got torch.bool \(10,\)"):
+        layer(x, token_mask=torch.ones(10, dtype=torch.bool))
+
+
+def test_token_mask_compiles():
+    torch._dynamo.reset()
+    layer = moe_ext.MoELayer(16, 8, 6, 2, aux_loss_coef=0.1, z_loss_coef=0.01)
+    x, mask = _padded()
+    x = x.float()
+    y = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, token_mask=mask)
+    torch.testing.assert_close(y, layer(x, token_mask=mask))
