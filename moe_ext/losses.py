@@ -97,11 +97,13 @@ def sequence_load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_seqs: i
     return per_seq.sum() / (tokens > 0).sum().clamp_min(1)
 
 
-def z_loss(lse: Tensor) -> Tensor:
-    """lse [T]: each token's logsumexp of router logits."""
-    if lse.numel() == 0:
-        return lse.sum() * 0.0
-    return (lse * lse).mean()
+def z_loss(lse: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+    """lse [T]: each token's logsumexp of router logits; the mean of its squares over the tokens
+    (token_mask [T] bool: over those only)."""
+    if token_mask is None:
+        return (lse * lse).mean() if lse.numel() else lse.sum() * 0.0
+    m = token_mask.to(lse.dtype)
+    return (lse * lse * m).sum() / m.sum().clamp_min(1)
 
 
 class _AttachAuxLoss(torch.autograd.Function):

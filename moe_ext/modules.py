@@ -335,21 +335,15 @@ class MoELayer(nn.Module):
                 lbl = load_balancing_loss(r.tokens_chosen, r.score_sum, n, self.top_k)
             aux = aux + self.aux_loss_coef * lbl
         if self.z_loss_coef:
-            aux = aux + self.z_loss_coef * (z_loss(r.lse) if m is None else
-                                            (r.lse * r.lse * m).sum() / n.clamp_min(1))
+            aux = aux + self.z_loss_coef * z_loss(r.lse, m)
         self.aux_loss = aux
-        with torch.no_grad():  # mean over tokens of the entropy of the softmax over experts, in nats
+        with torch.no_grad():
+            # Mean over the tokens that count of the entropy of the softmax over experts, in nats.
             logp = torch.log_softmax(r.logits.float(), dim=-1)
             ent = -(logp.exp() * logp).sum(-1)
-            if m is None:
-                entropy = ent.mean() if T else logp.sum()
-            else:
-                entropy = (ent * m).sum() / n.clamp_min(1)
-            if self.routing != "token_choice":
-                drop = torch.zeros((), dtype=torch.float64, device=kept.device)
-            elif m is None:
-                drop = (1.0 - kept.sum().double() / slots) if slots else torch.zeros((), dtype=torch.float64,
-                                                                                     device=kept.device)
-            else:
-                drop = torch.where(slots > 0, 1.0 - kept.sum().double() / slots.clamp_min(1).double(), 0.0)
+            entropy = (ent if m is None else ent * m).sum() / (max(T, 1) if m is None else n.clamp_min(1))
+            drop = torch.zeros((), dtype=torch.float64, device=kept.device)
+            if self.routing == "token_choice":
+                s = torch.as_tensor(slots, dtype=torch.float64, device=kept.device)
+                drop = torch.where(s > 0, 1.0 - kept.sum() / s.clamp_min(1), drop)
         self.last_stats = {"tokens_per_expert": kept, "drop_fraction": drop, "router_entropy": entropy}
