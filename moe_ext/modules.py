@@ -102,6 +102,16 @@ class SharedExperts(nn.Module):
         return torch.einsum("tsf,shf->th", MF.apply_activation(h, self.activation), self.w2)
 
 
+def check_token_mask(token_mask: Optional[Tensor], x: Tensor, where: str) -> Optional[Tensor]:
+    """token_mask on x's device, after checking it is bool and shaped like x without its hidden dim."""
+    if token_mask is None:
+        return None
+    if token_mask.shape != x.shape[:-1] or token_mask.dtype != torch.bool:
+        raise ValueError(f"{where}: token_mask must be a bool tensor of x's shape without the hidden dim, "
+                         f"{tuple(x.shape[:-1])}, got {token_mask.dtype} {tuple(token_mask.shape)}")
+    return token_mask.to(x.device)
+
+
 class _Shared:
     """Holds an object that copy.deepcopy shares instead of copying (a process group, which cannot be)."""
 
@@ -271,11 +281,7 @@ class MoELayer(nn.Module):
         False marks padding, which gets no routed expert (its output is the shared experts' alone, or
         zero), takes no capacity, and is left out of the aux losses and statistics."""
         shape = x.shape
-        if token_mask is not None:
-            if token_mask.shape != shape[:-1] or token_mask.dtype != torch.bool:
-                raise ValueError(f"moe_ext.MoELayer: token_mask must be a bool tensor of x's shape without the "
-                                 f"hidden dim, {tuple(shape[:-1])}, got {token_mask.dtype} {tuple(token_mask.shape)}")
-            token_mask = token_mask.to(x.device)
+        token_mask = check_token_mask(token_mask, x, "moe_ext.MoELayer")
         x = x.reshape(-1, shape[-1])
         r = self.route(x, token_mask)
         if getattr(self, "recompute", False):

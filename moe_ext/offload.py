@@ -10,7 +10,7 @@ an LRU cache of N slots lives on the device as preallocated buffers cache_w1 [N,
 cache_w2 [N, H, F] (cache_b1, cache_b2). Per batch:
 
 1. route on the device (the layer's own routing: MoELayer.route), then count the slots per expert
-   (bincount [E]) and read that count back to the host. This one small device-to-host read (E
+   (expert_counts [E]) and read that count back to the host. This one small device-to-host read (E
    integers, it waits for the router) is inherent to offloading: the host must know which experts to
    copy. It is the only synchronisation of a forward (copy waits are device-side events).
 2. order the needed experts resident first, then missing, and split them into rounds of at most N
@@ -43,7 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as MF
-from .modules import MoELayer
+from .losses import expert_counts
+from .modules import MoELayer, check_token_mask
 
 __all__ = ["OffloadedMoE", "offload_experts", "bench_cache_sizes"]
 
@@ -294,13 +295,14 @@ class OffloadedMoE(nn.Module):
         self._stats["prefetch_issued"] += len(missing)
         return len(missing)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+        """As MoELayer.forward; padding (token_mask False) needs no expert, so it loads none."""
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             raise RuntimeError("moe_ext.offload: OffloadedMoE is inference-only (its experts are host tensors "
                                "without gradients); call it under torch.no_grad() or torch.inference_mode() "
                                "with inputs and parameters that do not require grad")
         with torch.no_grad():
-            return self._forward(x)
+            return self._forward(x, check_token_mask(token_mask, x, "moe_ext.offload"))
 
     def _group(self, x: Tensor, ids: Tensor, weights: Tensor, experts: List[int], counts: List[int],
                acc_dtype: torch.dtype) -> Tensor:
@@ -317,17 +319,13 @@ class OffloadedMoE(nn.Module):
                                  self.cache_b2)
         return MF.unpermute(y_sorted.to(acc_dtype), row_map, weights)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, token_mask: Optional[Tensor]) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         E = self.num_experts
-        r = self.route(x)
+        r = self.route(x, token_mask)
         weights, ids = r.weights, r.expert_ids
-        flat = ids.reshape(-1).long()
-        # Slots per expert without a hidden sync (boolean indexing and bincount read sizes back on CUDA).
-        slot_e = torch.where(flat >= 0, flat, torch.full_like(flat, E))
-        counts_dev = torch.zeros(E + 1, dtype=torch.int64, device=x.device).index_add_(
-            0, slot_e, torch.ones_like(slot_e))[:E]
+        counts_dev = expert_counts(ids, E)  # slots per expert, on the device
         counts = counts_dev.tolist()  # the one device-to-host read of a forward (see the module docstring)
         self._stats["host_reads"] += 1
         self._stats["forwards"] += 1

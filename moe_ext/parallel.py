@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as MF
-from .modules import Experts, MoELayer
+from .modules import Experts, MoELayer, check_token_mask
 
 __all__ = ["ExpertParallelMoELayer", "shard_experts", "expert_range", "expert_ranges", "make_ep_dp_groups", "EPDPGroups",
            "all_reduce_gradients", "all_to_all"]
@@ -174,12 +174,14 @@ class ExpertParallelMoELayer(nn.Module):
     _record = MoELayer._record
     _with_aux_loss = MoELayer._with_aux_loss
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+        """As MoELayer.forward; padding (token_mask False) is routed nowhere, so it is never sent."""
         shape = x.shape
         H = shape[-1]
+        token_mask = check_token_mask(token_mask, x, "moe_ext.parallel")
         x = x.reshape(-1, H)
         W, El, E = self.ep_size, self.num_local_experts, self.num_experts
-        r = self.route(x)
+        r = self.route(x, token_mask)
         weights, ids, max_rows = r.weights, r.expert_ids, r.max_rows
 
         # Rows grouped by global expert = grouped by destination rank (contiguous expert ranges); under

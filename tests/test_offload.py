@@ -253,3 +253,23 @@ def test_load_state_dict_reports_missing_and_mismatched_experts():
     sd["experts.w1"] = sd["experts.w1"][:, :-1]
     with pytest.raises(RuntimeError, match="size mismatch for experts.w1"):
         off.load_state_dict(sd)
+
+
+def test_padding_loads_no_expert():
+    """token_mask: padding is routed nowhere, so an offloaded layer fetches no expert for it, and the real
+    tokens' outputs are the resident layer's."""
+    torch.manual_seed(0)
+    layer = moe_ext.MoELayer(16, 12, 8, 2).eval()
+    x = torch.randn(2, 6, 16)
+    mask = torch.tensor([[True] * 6, [True] + [False] * 5])
+    off = offload_experts(layer, cache_experts=8, device="cpu")
+    with torch.no_grad():
+        y = off(x, token_mask=mask)
+        want = layer(x, token_mask=mask)
+        needed = set(off.last_needed)
+        real = set(layer.route(x[mask])[2].unique().tolist()) - {-1}
+    torch.testing.assert_close(y, want)
+    assert needed == real
+    with pytest.raises(ValueError, match="moe_ext.offload: token_mask must be a bool tensor"):
+        with torch.no_grad():
+            off(x, token_mask=mask.long())

@@ -43,6 +43,14 @@ def _inputs(r, c):
     return x, gy
 
 
+def _mask(x, c):
+    """With c["pad"]: the last two tokens of every rank are padding."""
+    if not c.get("pad"):
+        return None
+    T = x.shape[-2]
+    return (torch.arange(T) < T - 2).expand(x.shape[:-1])
+
+
 def _check_case(rank, world, c, groups):
     import torch.distributed as dist
     from moe_ext.parallel import all_reduce_gradients, shard_experts
@@ -66,7 +74,7 @@ def _check_case(rank, world, c, groups):
         x.requires_grad_()
         full.zero_grad()
         with _autocast(c):
-            y = full(x)
+            y = full(x, token_mask=_mask(x, c))
         ((y * gy).sum() + full.aux_loss).backward()
         for n, p in full.named_parameters():
             ref[n] += p.grad
@@ -76,7 +84,7 @@ def _check_case(rank, world, c, groups):
     x, gy = _inputs(rank, c)
     x.requires_grad_()
     with _autocast(c):
-        y = ep(x)
+        y = ep(x, token_mask=_mask(x, c))
     assert y.shape == x.shape
     ((y * gy).sum() + ep.aux_loss).backward()
     all_reduce_gradients(ep, groups.dp_group if groups else None)
@@ -145,6 +153,9 @@ def test_expert_parallel_two_ranks_matches_unsharded():
         # recompute=True on the local experts, several per rank and one (E=2).
         dict(base, Ts=[9, 4], kw=dict(bias=True, recompute=True)),
         dict(H=8, F=6, E=2, k=1, Ts=[3, 7], kw=dict(recompute=True, activation="gelu_no_mul")),
+        # Padding (token_mask): never dispatched, out of the losses; with capacity and batch dims.
+        dict(base, Ts=[6, 9], kw=dict(aux_loss_coef=0.1, z_loss_coef=0.01), pad=True),
+        dict(base, Ts=[5, 8], kw=dict(capacity_factor=0.75, aux_loss_coef=0.1), pad=True, batch_dims=True),
         # Uneven expert ranges: E=5 over two ranks holds 3 + 2; E=3 holds 2 + 1 (the one-expert branch).
         dict(H=8, F=6, E=5, k=2, Ts=[9, 6], kw=dict(bias=True, aux_loss_coef=0.01)),
         dict(H=8, F=6, E=3, k=2, Ts=[5, 8], kw=dict(recompute=True)),
