@@ -347,9 +347,15 @@ class MoELayer(nn.Module):
             # Mean over the tokens that count of the entropy of the softmax over experts, in nats.
             logp = torch.log_softmax(r.logits.float(), dim=-1)
             ent = -(logp.exp() * logp).sum(-1)
-            entropy = (ent if m is None else ent * m).sum() / (max(T, 1) if m is None else n.clamp_min(1))
             drop = torch.zeros((), dtype=torch.float64, device=kept.device)
-            if self.routing == "token_choice":
-                s = torch.as_tensor(slots, dtype=torch.float64, device=kept.device)
-                drop = torch.where(s > 0, 1.0 - kept.sum() / s.clamp_min(1), drop)
+            # Unmasked, T and the slots are host ints (symbolic under torch.export: kept out of tensors,
+            # which would fix them); masked, device tensors.
+            if m is None:
+                entropy = ent.mean() if T else logp.sum()
+                if self.routing == "token_choice" and slots:
+                    drop = 1.0 - kept.sum().double() / slots
+            else:
+                entropy = (ent * m).sum() / n.clamp_min(1)
+                if self.routing == "token_choice":
+                    drop = torch.where(slots > 0, 1.0 - kept.sum().double() / slots.clamp_min(1), drop)
         self.last_stats = {"tokens_per_expert": kept, "drop_fraction": drop, "router_entropy": entropy}
