@@ -98,20 +98,26 @@ LAYERS = {  # (d_model, d_ff, E, k, kwargs): every routing feature of MoELayer
                                     routed_scaling_factor=2.5, num_shared_experts=1)),
     "shared_gate": (72, 40, 7, 2, dict(num_shared_experts=2, shared_expert_gate=True)),
     "bias_gelu": (72, 40, 7, 3, dict(activation="gelu_no_mul", bias=True)),
+    "probs_drop": (72, 40, 7, 2, dict(capacity_factor=0.8, drop_policy="probs", aux_loss_coef=0.01)),
+    "sequence_loss": (64, 32, 8, 3, dict(score_func="sigmoid", aux_loss_coef=0.01, aux_loss_scope="sequence")),
+    "recompute": (72, 40, 7, 3, dict(recompute=True, bias=True, aux_loss_coef=0.01)),
+    "attach": (72, 40, 7, 3, dict(attach_aux_loss=True, aux_loss_coef=0.1, z_loss_coef=1e-3)),
 }
+PADDING = torch.arange(19) < torch.tensor([19, 11]).unsqueeze(1)  # token_mask of x [2, 19, H]
 
 
-def _layer_step(layer, x, g):
+def _layer_step(layer, x, g, token_mask=None):
     x = x.clone().requires_grad_()
-    y = layer(x)
+    y = layer(x, token_mask=token_mask)
     loss = (y * g).sum() + layer.aux_loss
     params = [p for p in layer.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
     return y.detach(), layer.aux_loss.detach(), dict(layer.last_stats), grads
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_layer_float64_matches_cpu(name):
+def test_layer_float64_matches_cpu(name, padded):
     H, F_, E, k, kw = LAYERS[name]
     torch.manual_seed(zlib.crc32(name.encode()))
     layer = moe_ext.MoELayer(H, F_, E, k, **kw).double()
@@ -122,8 +128,9 @@ def test_layer_float64_matches_cpu(name):
     gpu_layer = copy.deepcopy(layer).to(DEV)
     x = torch.randn(2, 19, H, dtype=torch.float64)
     g = torch.randn(2, 19, H, dtype=torch.float64)
-    yc, ac, sc, gc = _layer_step(layer, x, g)
-    yg, ag, sg, gg = _layer_step(gpu_layer, x.to(DEV), g.to(DEV))
+    mask = PADDING if padded else None
+    yc, ac, sc, gc = _layer_step(layer, x, g, mask)
+    yg, ag, sg, gg = _layer_step(gpu_layer, x.to(DEV), g.to(DEV), None if mask is None else mask.to(DEV))
     torch.testing.assert_close(yg.cpu(), yc)
     torch.testing.assert_close(ag.cpu(), ac)
     assert torch.equal(sg["tokens_per_expert"].cpu(), sc["tokens_per_expert"])
@@ -136,17 +143,21 @@ def test_layer_float64_matches_cpu(name):
 
 
 # --------------------------------------------------------------------- no sync, graphs, torch.compile
-@pytest.mark.parametrize("name", ["losses", "capacity_drop", "capacity_reroute", "expert_choice", "deepseek"])
-def test_layer_forward_backward_never_synchronise(name):
-    """No host synchronisation anywhere in a training step of the layer: sizes stay on the device."""
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", ["losses", "capacity_drop", "capacity_reroute", "expert_choice", "deepseek",
+                                  "probs_drop", "sequence_loss", "recompute"])
+def test_layer_forward_backward_never_synchronise(name, padded):
+    """No host synchronisation anywhere in a training step of the layer: sizes stay on the device (with
+    padding too: the count of real tokens stays a device tensor)."""
     H, F_, E, k, kw = LAYERS[name]
     layer = moe_ext.MoELayer(H, F_, E, k, **kw).to(DEV)
-    x = torch.randn(64, H, device=DEV, requires_grad=True)
-    (layer(x).sum() + layer.aux_loss).backward()  # warm-up: lazy CUDA / cuBLAS initialisation
+    x = torch.randn(2, 32, H, device=DEV, requires_grad=True)
+    mask = torch.arange(32, device=DEV) < torch.tensor([[32], [20]], device=DEV) if padded else None
+    (layer(x, token_mask=mask).sum() + layer.aux_loss).backward()  # warm-up: lazy CUDA / cuBLAS initialisation
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y = layer(x)
+        y = layer(x, token_mask=mask)
         (y.sum() + layer.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
