@@ -81,23 +81,30 @@ def grouped_gemm(a: Tensor, b: Tensor, expert_offsets: Tensor, trans_b: bool = F
     return _ops.grouped_gemm(a, b, expert_offsets, trans_b, bias)
 
 
+def _lowerable(t: Tensor) -> bool:
+    """Whether autocast lowers t in a matmul: floating, and not fp64 (nor integers)."""
+    return t.is_floating_point() and t.dtype != torch.float64
+
+
 def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
     """The dtype torch.autocast gives t in a matmul here (bf16 or fp16), or None: autocast is off for
-    t's device, or t is not a floating tensor it casts (fp64 and integers stay as they are)."""
+    t's device, or t is not a tensor it lowers."""
     dev = t.device.type
-    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
-        return None
-    if not t.is_floating_point() or t.dtype == torch.float64:
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev) or not _lowerable(t):
         return None
     return torch.get_autocast_dtype(dev)
+
+
+def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """t in dtype when autocast would lower it (dtype None: unchanged)."""
+    return t if t is None or dtype is None or not _lowerable(t) else t.to(dtype)
 
 
 def _expert_rows(x: Tensor) -> Tensor:
     """x as the expert GEMMs will read it: in the autocast dtype under torch.autocast. The grouped GEMM
     casts its inputs itself (csrc/autocast.cpp); casting before permute moves half the bytes through
     permute and its backward."""
-    dt = _autocast_dtype(x)
-    return x if dt is None else x.to(dt)
+    return _cast(x, _autocast_dtype(x))
 
 
 def _layer_output(y: Tensor, shape) -> Tensor:
@@ -229,12 +236,6 @@ class _RecomputedExperts(torch.autograd.Function):
         return dx, None, None, None, dw1, dw2, db1, db2, None
 
 
-def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
-    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
-        return t
-    return t.to(dtype)
-
-
 def permute_expert_ffn(x: Tensor, expert_ids: Tensor, num_experts: int, w1: Tensor, w2: Tensor,
                        activation: str = "silu", b1: Optional[Tensor] = None, b2: Optional[Tensor] = None,
                        max_rows: int = -1, recompute: bool = False):
@@ -247,6 +248,11 @@ def permute_expert_ffn(x: Tensor, expert_ids: Tensor, num_experts: int, w1: Tens
     x [T, H]; the other arguments as in permute and expert_ffn.
     """
     check_expert_weights(w1, w2, activation, x.shape[-1], num_experts)
+    return _permute_expert_ffn(x, expert_ids, num_experts, w1, w2, activation, b1, b2, max_rows, recompute)
+
+
+def _permute_expert_ffn(x, expert_ids, num_experts, w1, w2, activation, b1, b2, max_rows, recompute):
+    """permute_expert_ffn on weights already checked."""
     if not recompute or not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, w1, w2, b1, b2)):
         x_sorted, offsets, row_map = permute(_expert_rows(x), expert_ids, num_experts, max_rows)
@@ -309,8 +315,8 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
     ids = g.expert_ids
     if expert_map is not None:  # global ids -> this rank's local ids, -1 (no compute) for the others
         ids = expert_map.to(ids.device)[ids.long()].to(torch.int32)
-    y_sorted, offsets, row_map = permute_expert_ffn(x, ids, E, w1, w2, activation, w1_bias, w2_bias,
-                                                    recompute=recompute)
+    y_sorted, offsets, row_map = _permute_expert_ffn(x, ids, E, w1, w2, activation, w1_bias, w2_bias, -1,
+                                                     recompute)
     out = unpermute(y_sorted, row_map, g.weights).reshape(hidden_states.shape)
     if inplace:
         return hidden_states.copy_(out)

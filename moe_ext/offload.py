@@ -48,8 +48,6 @@ from .modules import MoELayer, check_token_mask
 
 __all__ = ["OffloadedMoE", "offload_experts", "bench_cache_sizes"]
 
-_ROUTING_ATTRS = MoELayer.ROUTING_ATTRS
-
 
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
@@ -91,7 +89,7 @@ class OffloadedMoE(nn.Module):
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.asynchronous = device.type == "cuda"
-        for name in _ROUTING_ATTRS:
+        for name in MoELayer.ROUTING_ATTRS:
             setattr(self, name, getattr(layer, name))
         self.training = False
         self.router = _frozen_copy(layer.router, device)

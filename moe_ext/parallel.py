@@ -145,8 +145,7 @@ class ExpertParallelMoELayer(nn.Module):
         ranges = expert_ranges(E, self.ep_size)
         lo, hi = ranges[self.ep_rank]
         self.num_local_experts = hi - lo
-        self.experts_per_rank = [b - a for a, b in ranges]
-        self.range_ends = [b - 1 for _, b in ranges]  # each rank's last expert
+        self.expert_ranges = ranges
         self.local_expert_ids = list(range(lo, hi))
         for name in MoELayer.ROUTING_ATTRS + ("attach_aux_loss", "aux_loss_grad_scale", "recompute"):
             setattr(self, name, getattr(layer, name))
@@ -188,12 +187,13 @@ class ExpertParallelMoELayer(nn.Module):
         # autocast in its dtype, which halves the bytes the all-to-alls move.
         x_sorted, offsets, row_map = MF.permute(MF._expert_rows(x), ids, E, max_rows)
         counts = offsets[1:] - offsets[:-1]  # [E] int64, on the device
-        per_rank = self.experts_per_rank  # rank r holds the next per_rank[r] experts
+        per_rank = [hi - lo for lo, hi in self.expert_ranges]  # rank r holds the next per_rank[r] experts
         recv_counts = counts.new_empty(W * El)  # rows from source s for local expert e at s*E_l+e
         _timed(self.comm_stats, "comm_s",
                lambda: dist.all_to_all_single(recv_counts, counts, [El] * W, per_rank, group=self.group))
         # Rows for each destination rank: the counts summed over its expert range (ranges may differ).
-        ends = offsets[1:][torch.tensor(self.range_ends, device=offsets.device)]
+        # (offsets[hi] are views: no index tensor to copy to the device, which would synchronise.)
+        ends = torch.stack([offsets[hi] for _, hi in self.expert_ranges])
         send_rows = ends - torch.cat([offsets[:1], ends[:-1]])
         # The one host sync: split sizes for the uneven all-to-alls must be Python ints.
         sizes = torch.cat([send_rows, recv_counts.view(W, El).sum(1)]).tolist()
