@@ -264,6 +264,15 @@ def _permute_expert_ffn(x, expert_ids, num_experts, w1, w2, activation, b1, b2, 
     return _RecomputedExperts.apply(x, expert_ids, num_experts, max_rows, w1, w2, b1, b2, activation)
 
 
+def _alias(name: str, value, default, alias: str, alias_value):
+    """value, or alias_value when only the alias (another library's name for the argument) was given."""
+    if alias_value is None:
+        return value
+    if value is not None and (not isinstance(value, str) or value != default):
+        raise ValueError(f"moe_ext.fused_moe: give {name} or {alias}, not both")
+    return alias_value
+
+
 def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tensor, topk: int,
               renormalize: bool = True, inplace: bool = False, *, activation: str = "silu",
               score_func: str = "softmax", expert_bias: Optional[Tensor] = None,
@@ -271,7 +280,8 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
               topk_group: Optional[int] = 1, routed_scaling_factor: float = 1.0,
               w1_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None,
               global_num_experts: int = -1, expert_map: Optional[Tensor] = None,
-              recompute: bool = False) -> Tensor:
+              recompute: bool = False, scoring_func: Optional[str] = None,
+              e_score_correction_bias: Optional[Tensor] = None) -> Tensor:
     """Drop-in fused MoE (vLLM's argument order and names), differentiable in all four tensor inputs.
 
     hidden_states [..., H]; w1 [E, 2F, H] (gated "silu"/"gelu": gate rows then up rows, as in
@@ -288,8 +298,11 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
     columns, w1/w2 hold this rank's E_local experts, and expert_map[e] is expert e's local index or -1;
     the result sums this rank's experts only (partial sums, to be reduced over the ranks).
     global_num_experts, when given, must equal E_global. recompute=True: the backward recomputes the
-    grouped tokens and the activation instead of saving them (permute_expert_ffn).
+    grouped tokens and the activation instead of saving them (permute_expert_ffn). vLLM's spellings
+    scoring_func and e_score_correction_bias are accepted for score_func and expert_bias.
     """
+    score_func = _alias("score_func", score_func, "softmax", "scoring_func", scoring_func)
+    expert_bias = _alias("expert_bias", expert_bias, None, "e_score_correction_bias", e_score_correction_bias)
     H = hidden_states.shape[-1]
     x = hidden_states.reshape(-1, H)
     logits = gating_output.reshape(-1, gating_output.shape[-1])

@@ -8,6 +8,7 @@ Parameter layout (the names outside code relies on):
   router.expert_bias [E] fp32 buffer when expert_bias=True (DeepSeek-V3; selection only).
 """
 import math
+import numbers
 import warnings
 from typing import NamedTuple, Optional
 
@@ -177,7 +178,16 @@ class MoELayer(nn.Module):
                  shared_d_ff: Optional[int] = None, attach_aux_loss: bool = False, recompute: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
+        for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+            if not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"moe_ext.MoELayer: {name} must be an int >= 1, got {value!r}")
+        if not isinstance(num_shared_experts, numbers.Integral) or num_shared_experts < 0:
+            raise ValueError(f"moe_ext.MoELayer: num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+        if shared_d_ff is not None and (not isinstance(shared_d_ff, numbers.Integral) or shared_d_ff < 1):
+            raise ValueError(f"moe_ext.MoELayer: shared_d_ff must be None or an int >= 1, got {shared_d_ff!r}")
+        if not 0.0 <= jitter_eps < 1.0:
+            raise ValueError(f"moe_ext.MoELayer: jitter_eps must be in [0, 1), got {jitter_eps}")
+        if not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= num_experts:
             raise ValueError(f"moe_ext.MoELayer: top_k must be in [1, num_experts] = [1, {num_experts}], got {top_k}")
         if overflow not in ("drop", "reroute"):
             raise ValueError(f"moe_ext.MoELayer: overflow must be 'drop' or 'reroute', got {overflow!r}")
@@ -196,6 +206,16 @@ class MoELayer(nn.Module):
             raise ValueError(f"moe_ext.MoELayer: capacity_factor must be a finite number > 0, got {capacity_factor}")
         if (n_group is None) != (topk_group is None):
             raise ValueError("moe_ext.MoELayer: n_group and topk_group go together")
+        if n_group is not None:
+            if not 1 <= n_group <= 64 or num_experts % n_group:
+                raise ValueError(f"moe_ext.MoELayer: n_group must be in [1, 64] and divide num_experts = "
+                                 f"{num_experts}, got {n_group}")
+            if n_group > 1 and not 1 <= topk_group <= n_group:  # one group: topk_group is unused, as in the op
+                raise ValueError(f"moe_ext.MoELayer: topk_group must be in [1, n_group] = [1, {n_group}], got "
+                                 f"{topk_group}")
+            if n_group > 1 and top_k > topk_group * (num_experts // n_group):
+                raise ValueError(f"moe_ext.MoELayer: top_k = {top_k} exceeds the experts in the kept groups "
+                                 f"(topk_group * num_experts / n_group = {topk_group * (num_experts // n_group)})")
         if shared_expert_gate and num_shared_experts <= 0:
             raise ValueError("moe_ext.MoELayer: shared_expert_gate=True needs num_shared_experts > 0")
         self.num_experts, self.top_k = num_experts, top_k

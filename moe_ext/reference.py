@@ -217,3 +217,100 @@ def sequence_load_balancing_loss(logits: Tensor, expert_ids: Tensor, num_seqs: i
             total = total + f * s[:, i].mean()
         losses.append(total)
     return torch.stack(losses).mean()
+
+
+def _textbook_expert_choice(scores: Tensor, capacity: int, token_mask: Optional[Tensor]) -> Tensor:
+    """Expert ids [T, E] of expert-choice routing, one expert and one token at a time: expert e takes
+    its `capacity` highest-scoring tokens among those that count, ties to the lower token."""
+    T, E = scores.shape
+    ids = torch.full((T, E), -1, dtype=torch.int64)
+    s = scores.tolist()
+    for e in range(E):
+        cand = [t for t in range(T) if token_mask is None or bool(token_mask[t])]
+        cand.sort(key=lambda t: -s[t][e])  # a stable sort: equal scores keep token order
+        for t in cand[:capacity]:
+            ids[t, e] = e
+    return ids
+
+
+def moe_layer(layer, x: Tensor, token_mask: Optional[Tensor] = None):
+    """Reference forward of a moe_ext.MoELayer (jitter off), written from the semantics in docs/ops.md and
+    docs/routing.md with the references above and per-token loops: (y shaped like x, aux_loss,
+    {"tokens_per_expert", "drop_fraction", "router_entropy"}). Differentiable w.r.t. x and the layer's
+    parameters; run the layer in float64 to compare closely."""
+    shape = x.shape
+    xt = x.reshape(-1, shape[-1])
+    T, E, k = xt.shape[0], layer.num_experts, layer.top_k
+    mask = None if token_mask is None else token_mask.reshape(T)
+    real = list(range(T)) if mask is None else [t for t in range(T) if bool(mask[t])]
+    n = len(real)
+    logits = F.linear(xt, layer.router.weight)
+    lg = logits if logits.dtype == torch.float64 else logits.float()
+    scores = torch.sigmoid(lg) if layer.score_func == "sigmoid" else torch.softmax(lg, dim=-1)
+    lse = torch.logsumexp(lg, dim=-1)
+    bias = getattr(layer.router, "expert_bias", None)
+    cf = layer.capacity_factor if layer.capacity_factor is not None else 1.0
+    cap = math.ceil(cf * T * k / E)
+    if layer.routing == "expert_choice":
+        ids = _textbook_expert_choice(scores.detach(), min(cap, T), mask)
+        weights, chosen = scores, None
+    else:
+        weights, chosen, *_ = topk_gating(lg, k, layer.score_func, "softmax_topk", layer.renormalize, bias,
+                                          layer.n_group, layer.topk_group, layer.routed_scaling_factor)
+        if mask is not None:
+            chosen = torch.where(mask.reshape(T, 1), chosen, torch.full_like(chosen, -1))
+        ids = chosen
+        if layer.capacity_factor is not None:
+            if layer.overflow == "reroute":
+                keys = lg.detach() if bias is None else scores.detach() + bias.to(lg.dtype)
+                ids = capacity_reroute(chosen, keys, cap)
+            else:
+                ids = capacity_drop(chosen, cap, weights.detach() if layer.drop_policy == "probs" else None)
+    ex = layer.experts
+    rows = []
+    for t in range(T):
+        acc = torch.zeros_like(xt[t])
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            w = weights[t, e] if layer.routing == "expert_choice" else weights[t, j]
+            out = expert_forward(xt[t:t + 1], ex.w1[e], ex.w2[e], ex.activation,
+                                 None if ex.b1 is None else ex.b1[e], None if ex.b2 is None else ex.b2[e])[0]
+            acc = acc + w.to(acc.dtype) * out
+        rows.append(acc)
+    y = torch.stack(rows) if T else xt * 0
+    if layer.shared_experts is not None:
+        sh = layer.shared_experts
+        shared = sum(expert_forward(xt, sh.w1[s], sh.w2[s], sh.activation) for s in range(sh.w1.shape[0]))
+        if layer.shared_expert_gate is not None:
+            shared = torch.sigmoid(F.linear(xt, layer.shared_expert_gate.weight)) * shared
+        y = y + shared
+
+    aux = lg.sum() * 0.0
+    if layer.aux_loss_coef and chosen is not None and n:
+        if layer.aux_loss_scope == "sequence":
+            num_seqs = math.prod(shape[:-2]) if len(shape) > 2 else 1
+            S = T // num_seqs
+            norm = scores / scores.sum(-1, keepdim=True)
+            per_seq = []
+            for b in range(num_seqs):
+                toks = [t for t in real if b * S <= t < (b + 1) * S]
+                if toks:
+                    f = [float((chosen[toks] == e).sum()) * E / (k * len(toks)) for e in range(E)]
+                    per_seq.append(sum(f[e] * norm[toks, e].mean() for e in range(E)))
+            lbl = torch.stack(per_seq).mean()
+        else:  # "batch", and "global" without a process group
+            f = [float((chosen[real] == e).sum()) / (n * k) for e in range(E)]
+            lbl = E * sum(f[e] * scores[real, e].mean() for e in range(E))
+        aux = aux + layer.aux_loss_coef * lbl
+    if layer.z_loss_coef and n:
+        aux = aux + layer.z_loss_coef * (lse[real] ** 2).mean()
+
+    kept = torch.tensor([int((ids[real] == e).sum()) for e in range(E)], dtype=torch.int32)
+    logp = torch.log_softmax(lg.detach().double(), dim=-1)
+    entropy = float(-(logp.exp() * logp).sum(-1)[real].mean()) if n else 0.0
+    drop = 0.0
+    if layer.routing == "token_choice" and n:
+        drop = 1.0 - float(kept.sum()) / (n * k)
+    return y.reshape(shape), aux, {"tokens_per_expert": kept, "drop_fraction": drop, "router_entropy": entropy}

@@ -124,6 +124,23 @@ def test_layer_arguments():
         moe_ext.MoELayer(8, 16, 4, 2, overflow="spill")
     with pytest.raises(ValueError, match="routing must be 'token_choice' or 'expert_choice'"):
         moe_ext.MoELayer(8, 16, 4, 2, routing="hash")
+    with pytest.raises(ValueError, match="d_model must be an int >= 1, got 0"):
+        moe_ext.MoELayer(0, 16, 4, 2)
+    with pytest.raises(ValueError, match="d_ff must be an int >= 1, got -3"):
+        moe_ext.MoELayer(8, -3, 4, 2)
+    with pytest.raises(ValueError, match="num_experts must be an int >= 1, got 0"):
+        moe_ext.MoELayer(8, 16, 0, 1)
+    with pytest.raises(ValueError, match="num_shared_experts must be an int >= 0, got -1"):
+        moe_ext.MoELayer(8, 16, 4, 2, num_shared_experts=-1)
+    with pytest.raises(ValueError, match=r"jitter_eps must be in \[0, 1\), got 1.5"):
+        moe_ext.MoELayer(8, 16, 4, 2, jitter_eps=1.5)
+    # Group settings topk_gating would refuse fail when the layer is built, not at its first forward.
+    with pytest.raises(ValueError, match=r"n_group must be in \[1, 64\] and divide num_experts = 6, got 4"):
+        moe_ext.MoELayer(8, 16, 6, 2, n_group=4, topk_group=1)
+    with pytest.raises(ValueError, match=r"topk_group must be in \[1, n_group\] = \[1, 3\], got 4"):
+        moe_ext.MoELayer(8, 16, 6, 2, n_group=3, topk_group=4)
+    with pytest.raises(ValueError, match=r"top_k = 3 exceeds the experts in the kept groups \(.* = 2\)"):
+        moe_ext.MoELayer(8, 16, 6, 3, n_group=3, topk_group=1)
 
 
 @pytest.mark.cuda

@@ -83,6 +83,15 @@ def test_fused_moe_vllm_options():
         moe_ext.fused_moe(x, w1, w2, lg, k, global_num_experts=9)
     with pytest.raises(ValueError, match=r"expert_map must be \[E_global\] = \[8\] int32 or int64, got \(7,\)"):
         moe_ext.fused_moe(x, w1, w2, lg, k, expert_map=torch.zeros(7, dtype=torch.int32))
+    # vLLM's names for score_func and expert_bias
+    bias = torch.linspace(-1, 1, E, dtype=torch.float64)
+    sig = moe_ext.fused_moe(x, w1, w2, lg, k, score_func="sigmoid", expert_bias=bias)
+    assert torch.equal(moe_ext.fused_moe(x, w1, w2, lg, k, scoring_func="sigmoid", e_score_correction_bias=bias), sig)
+    assert not torch.equal(sig, want)
+    with pytest.raises(ValueError, match="give score_func or scoring_func, not both"):
+        moe_ext.fused_moe(x, w1, w2, lg, k, score_func="sigmoid", scoring_func="sigmoid")
+    with pytest.raises(ValueError, match="give expert_bias or e_score_correction_bias, not both"):
+        moe_ext.fused_moe(x, w1, w2, lg, k, expert_bias=bias, e_score_correction_bias=bias)
 
 
 def test_layer_matches_textbook_naive_loop_seed_chapter_expert():

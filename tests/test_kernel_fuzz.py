@@ -1,0 +1,177 @@
+"""The handwritten CUDA kernels against the CPU kernels over random arguments (hypothesis, derandomized).
+
+test_cuda_routing.py and test_cuda_activation.py pick each kernel path on purpose; these draw the
+arguments together instead: expert counts on both sides of every warp-kernel boundary (32, 64, 128, 256,
+512 experts) and past them, every k from 1 to E, each dtype, each score function and order, group-limited
+selection (groups of 32 take the register-slot stage, other sizes the staged one), the selection bias,
+routed scaling, and logits with many exact ties, infinities and NaN. permute, unpermute, their
+backwards and capacity_reroute get random ids with drops, max_rows, odd widths and misaligned rows.
+They run through the `kern` fixture: under the CUDA emulation here, on the GPU where one is visible.
+Each comparison expects what test_cuda_routing.py expects (bit-identical routing, lse and backward
+within tolerance).
+"""
+import os
+
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
+from test_cuda_routing import TOL, _assert_gating_equal
+
+ops = torch.ops.moe_ext
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Both sides of each warp kernel's limit (NPL = 1, 2, 4, 8, 16 slots per lane) and the generic kernel.
+EXPERTS = [1, 2, 3, 7, 31, 32, 33, 63, 64, 65, 96, 127, 128, 129, 160, 255, 256, 257, 384, 511, 512, 513, 777]
+
+_EXAMPLES = int(os.environ.get("MOE_EXT_FUZZ_EXAMPLES", "100"))
+FUZZ = settings(max_examples=_EXAMPLES, derandomize="MOE_EXT_FUZZ_EXAMPLES" not in os.environ, deadline=None,
+                database=None, suppress_health_check=list(HealthCheck))
+
+
+@st.composite
+def gating_args(draw):
+    E = draw(st.sampled_from(EXPERTS))
+    T = draw(st.integers(0, 40))
+    dtype = draw(st.sampled_from(DTYPES))
+    mode = draw(st.sampled_from(["softmax_topk", "topk_softmax", "sigmoid"]))
+    score, order = ("sigmoid", "softmax_topk") if mode == "sigmoid" else ("softmax", mode)
+    kw = dict(score_func=score, order=order, renormalize=draw(st.booleans()),
+              routed_scaling=draw(st.sampled_from([1.0, 2.5, 0.125])))
+    groups = [g for g in range(2, min(E, 64) + 1) if E % g == 0]
+    if groups and draw(st.booleans()):
+        g = draw(st.sampled_from(groups))
+        kw.update(num_groups=g, topk_groups=draw(st.integers(1, g)))
+        k = draw(st.integers(1, kw["topk_groups"] * (E // g)))
+    else:
+        k = draw(st.integers(1, E))
+    if draw(st.booleans()):
+        kw["expert_bias"] = draw(st.sampled_from([torch.float32, dtype]))
+    values = draw(st.sampled_from(["normal", "ties", "special"]))
+    return T, E, k, dtype, kw, values, draw(st.integers(0, 2**31 - 1))
+
+
+def _logits(T, E, dtype, values, seed):
+    g = torch.Generator().manual_seed(seed)
+    if values == "ties":  # few distinct values: ties within tokens and within groups
+        return (torch.randint(-3, 4, (T, E), generator=g) * 0.5).to(dtype)
+    lg = torch.randn(T, E, generator=g) * 2
+    if values == "special" and T * E:
+        pick = torch.randint(0, T * E, (max(1, T * E // 10),), generator=g)
+        lg.view(-1)[pick] = torch.tensor([float("inf"), -float("inf"), float("nan")])[
+            torch.randint(0, 3, pick.shape, generator=g)]
+    return lg.to(dtype)
+
+
+@given(gating_args())
+@FUZZ
+def test_gating_fuzz(kern, args):
+    T, E, k, dtype, kw, values, seed = args
+    logits = _logits(T, E, dtype, values, seed)
+    if "expert_bias" in kw:
+        kw["expert_bias"] = (torch.randn(E, generator=torch.Generator().manual_seed(seed + 1)) * 0.2).to(kw["expert_bias"])
+    cpu = ops.topk_gating(logits, k, **kw)
+    dev = kern.topk_gating(logits, k, **kw)
+    assert ((dev[1] >= 0) & (dev[1] < E)).all()
+    _assert_gating_equal(cpu, dev, dtype)
+    if values == "special" or T == 0:
+        return
+    # The backward of the chosen weights, the score sums and lse
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(seed + 2)
+    gw, gss, glse = torch.randn(T, k, generator=g), torch.randn(E, generator=g), torch.randn(T, generator=g)
+    args = (gw.to(acc), gss.to(acc), glse.to(acc), logits, cpu[1], kw["score_func"], kw["order"], kw["renormalize"],
+            kw["routed_scaling"])
+    ref = ops.topk_gating_backward(*args)
+    out = kern.topk_gating_backward(*args)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@st.composite
+def routed_rows(draw):
+    T, E = draw(st.integers(0, 24)), draw(st.sampled_from([1, 2, 5, 8, 33]))
+    k = draw(st.integers(1, min(E, 6)))
+    H = draw(st.sampled_from([1, 3, 8, 72, 130]))
+    dtype = draw(st.sampled_from(DTYPES))
+    drop = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    max_rows = draw(st.sampled_from([-1, 0, 1, 7, T * k]))
+    return T, E, k, H, dtype, drop, max_rows, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+@given(routed_rows())
+@FUZZ
+def test_permute_unpermute_fuzz(kern, args):
+    T, E, k, H, dtype, drop, max_rows, misaligned, seed = args
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32) if T else \
+        torch.empty(0, k, dtype=torch.int32)
+    ids = torch.where(torch.rand(ids.shape, generator=g) < drop, torch.full_like(ids, -1), ids)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    want = ops.permute(x, ids, E, max_rows)
+    got = kern.permute(x, ids, E, max_rows, misaligned=misaligned)
+    for name, a, b in zip(("x_sorted", "expert_offsets", "row_map"), got, want):
+        assert torch.equal(a, b), name
+    x_sorted, _, row_map = want
+    y_sorted = torch.randn(x_sorted.shape, generator=g).to(dtype)
+    weights = torch.rand(T, k, generator=g).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    for w in (weights, None):
+        want_y = ops.unpermute(y_sorted, row_map, w)
+        got_y = kern.unpermute(y_sorted, row_map, w, misaligned=misaligned)
+        torch.testing.assert_close(got_y, want_y, rtol=0, atol=0)  # the same summation order
+    grad_y = torch.randn(T, H, generator=g).to(dtype)
+    want_b = ops.unpermute_backward(grad_y, y_sorted, row_map, weights)
+    got_b = kern.unpermute_backward(grad_y, y_sorted, row_map, weights)
+    for name, a, b in zip(("grad_y_sorted", "grad_weights"), got_b, want_b):
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+@st.composite
+def reroute_args(draw):
+    T, E = draw(st.integers(0, 30)), draw(st.sampled_from([1, 2, 3, 5, 8, 33]))
+    k = draw(st.integers(1, min(E, 6)))
+    # Up to the mean load T * k / E: some expert overflows in most draws, so slots move.
+    return T, E, k, draw(st.integers(0, max(1, T * k // E))), draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+@given(reroute_args())
+@FUZZ
+def test_capacity_reroute_fuzz(kern, args):
+    T, E, k, capacity, ties, seed = args
+    g = torch.Generator().manual_seed(seed)
+    keys = (torch.randint(-2, 3, (T, E), generator=g).float() if ties else torch.randn(T, E, generator=g))
+    ids = ops.topk_gating(keys, k)[1]
+    ids = torch.where(torch.rand(ids.shape, generator=g) < 0.1, torch.full_like(ids, -1), ids)
+    assert torch.equal(kern.capacity_reroute(ids, keys, capacity), ops.capacity_reroute(ids, keys, capacity))
+
+
+@st.composite
+def grouped_problems(draw):
+    E = draw(st.integers(1, 9))
+    counts = draw(st.lists(st.sampled_from([0, 0, 1, 3, 8, 17, 64, 130]), min_size=E, max_size=E))
+    K, N = (draw(st.sampled_from([1, 8, 24, 33, 72, 128, 136])) for _ in range(2))
+    return (E, counts, K, N, draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.float64])),
+            draw(st.booleans()), draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2**31 - 1)))
+
+
+@given(grouped_problems())
+@FUZZ
+def test_grouped_gemm_fuzz(kern, args):
+    """Forward (nn and nt, with and without bias) and the weight gradient, within the accuracy bound of
+    test_cuda_grouped_gemm.py (twice torch's own error in the dtype, plus a slack)."""
+    from test_cuda_grouped_gemm import assert_accurate, make_offsets, ref_forward, ref_wgrad
+    E, counts, K, N, dtype, trans_b, with_bias, misaligned, seed = args
+    g = torch.Generator().manual_seed(seed)
+    offs = make_offsets(torch.tensor(counts, dtype=torch.int64))
+    M = int(offs[-1])
+    a = torch.randn(M, K, generator=g).to(dtype)
+    b = torch.randn(E, N, K, generator=g).to(dtype) if trans_b else torch.randn(E, K, N, generator=g).to(dtype)
+    bias = torch.randn(E, N, generator=g).to(dtype) if with_bias else None
+    ref = torch.float64 if dtype == torch.float64 else torch.float32
+    out = kern.grouped_gemm(a, b, offs, trans_b, bias, misaligned=misaligned)
+    assert out.shape == (M, N)
+    if M:
+            assert_accurate(out, ref_forward(a, b, offs, trans_b, bias, dtype=ref),
+                        ref_forward(a, b, offs, trans_b, bias, dtype=dtype), dtype)
+    y = torch.randn(M, N, generator=g).to(dtype)
+    w = kern.grouped_gemm_wgrad(a, y, offs, misaligned=misaligned)
+    assert w.shape == (E, K, N)
+    assert_accurate(w, ref_wgrad(a, y, offs, dtype=ref), ref_wgrad(a, y, offs, dtype=dtype), dtype)
