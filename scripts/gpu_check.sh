@@ -149,7 +149,8 @@ step tests_cuda 170 $(( BENCH_RESERVE + FINAL_RESERVE )) $PY -m pytest -m cuda t
 sanitize() {  # sanitize TOOL: the smoke script plus the small CUDA tests that exist
     local tool=$1 sel=() rc=0 extra=()
     [ "$tool" = racecheck ] && extra=(--racecheck-report hazard)
-    for f in tests/test_cuda_routing.py tests/test_cuda_grouped_gemm.py tests/test_cuda_activation.py tests/test_capacity.py; do
+    for f in tests/test_cuda_routing.py tests/test_cuda_grouped_gemm.py tests/test_cuda_activation.py tests/test_capacity.py \
+             tests/test_kernel_fuzz.py; do
         if [ -f "$f" ]; then sel+=("$f"); else echo "NOTE: $f does not exist (yet): not in the $tool selection"; fi
     done
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" "${extra[@]}" --error-exitcode 1 \
@@ -164,13 +165,13 @@ sanitize() {  # sanitize TOOL: the smoke script plus the small CUDA tests that e
     echo "SANITIZE-DONE tool=$tool rc=$rc"
     return $rc
 }
-# Small, edge-case tests of every CUDA op (the sanitizer slows kernels by 10-100x): 55 tests. Only the
+# Small, edge-case tests of every CUDA op (the sanitizer slows kernels by 10-100x): 57 tests. Only the
 # smallest of the grouped GEMM's most_empty shapes (fp32 / fp16 / bf16, so CUTLASS and the simple kernel),
 # and the smallest shape of each sm_90a tile in each form.
 SANITIZE_K=${SANITIZE_K:-"(empty and not most_empty and not large) or edge or ties or no_rows or unreferenced \
 or (most_empty and 256x4 and not sm90_tile) or (misaligned and silu and (36 or 37)) or (reroute_cuda and (37-7-3 or 70-13000)) \
 or (tf32 and 300x6) or (sm90_tile and 256x4 and uniform and bf16) or few_tokens_wide_rows \
-or (block_and_grid_routing and 256)"}
+or (block_and_grid_routing and 256) or out_of_range_rows_many_tokens"}
 export -f sanitize
 export PY SANITIZE_K
 if command -v compute-sanitizer >/dev/null; then

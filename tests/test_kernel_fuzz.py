@@ -12,6 +12,7 @@ within tolerance).
 """
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -175,3 +176,72 @@ def test_grouped_gemm_fuzz(kern, args):
     w = kern.grouped_gemm_wgrad(a, y, offs, misaligned=misaligned)
     assert w.shape == (E, K, N)
     assert_accurate(w, ref_wgrad(a, y, offs, dtype=ref), ref_wgrad(a, y, offs, dtype=dtype), dtype)
+
+
+@given(st.sampled_from(["permute", "unpermute", "unpermute_backward", "capacity_reroute", "topk_gating_backward"]),
+       st.integers(1, 12), st.sampled_from([2, 5, 33]), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 2**31 - 1))
+@FUZZ
+def test_out_of_range_indices_are_skipped(kern, op, T, E, k, n_bad, seed):
+    """The CPU ops refuse an expert id or row out of range; the CUDA kernels, which never read index
+    values on the host, must neither crash nor touch memory out of bounds (the emulation faults on a read
+    past a buffer and reports a write next to one). They treat such an entry as dropped, as the CPU does
+    -1 (topk_gating_backward: that token's gradient row is unspecified, NaN or not; the other rows exact)."""
+    k = min(k, E)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    ids = ops.topk_gating(logits, k)[1]
+    x = torch.randn(T, 8, generator=g)
+    x_sorted, _, row_map = ops.permute(x, ids, E)
+    R = x_sorted.shape[0]
+    w = torch.rand(T, k, generator=g)
+    pos = torch.randint(0, T * k, (n_bad,), generator=g)
+    if op in ("permute", "capacity_reroute", "topk_gating_backward"):
+        bad, clean = ids.clone(), ids.clone()
+        bad.view(-1)[pos] = torch.tensor([E, E + 1, -2, 2**31 - 1], dtype=ids.dtype)[
+            torch.randint(0, 4, (n_bad,), generator=g)]
+        clean.view(-1)[pos] = -1
+    else:
+        bad, clean = row_map.clone(), row_map.clone()
+        bad.view(-1)[pos] = torch.tensor([R, R + 1, -2, 2**40])[torch.randint(0, 4, (n_bad,), generator=g)]
+        clean.view(-1)[pos] = -1
+    if op == "permute":
+        for a, b in zip(kern.permute(x, bad, E), ops.permute(x, clean, E)):
+            assert torch.equal(a, b)
+    elif op == "capacity_reroute":
+        assert torch.equal(kern.capacity_reroute(bad, logits, 1), ops.capacity_reroute(clean, logits, 1))
+    elif op == "unpermute":
+        assert torch.equal(kern.unpermute(x_sorted, bad, w), ops.unpermute(x_sorted, clean, w))
+    elif op == "unpermute_backward":
+        gy = torch.randn(T, 8, generator=g)
+        for a, b in zip(kern.unpermute_backward(gy, x_sorted, bad, w), ops.unpermute_backward(gy, x_sorted, clean, w)):
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+    else:
+        gw = torch.randn(T, k, generator=g)
+        out = kern.topk_gating_backward(gw, None, None, logits, bad, "softmax", "softmax_topk", True, 1.0)
+        ok = (bad == clean).all(1)
+        ref = ops.topk_gating_backward(gw[ok], None, None, logits[ok], ids[ok], "softmax", "softmax_topk", True, 1.0)
+        assert out.shape == logits.shape
+        torch.testing.assert_close(out[ok], ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("op", ["unpermute", "unpermute_backward"])
+def test_out_of_range_rows_many_tokens(kern, op):
+    """As above with 4100 tokens: unpermute's one-warp-per-row kernel (fewer tokens take the sliced one)."""
+    T, E, k = 4100, 5, 2
+    g = torch.Generator().manual_seed(0)
+    ids = ops.topk_gating(torch.randn(T, E, generator=g), k)[1]
+    x = torch.randn(T, 8, generator=g)
+    x_sorted, _, row_map = ops.permute(x, ids, E)
+    R = x_sorted.shape[0]
+    w = torch.rand(T, k, generator=g)
+    bad, clean = row_map.clone(), row_map.clone()
+    pos = torch.tensor([0, 7, 4099 * k + 1, 5000])
+    bad.view(-1)[pos] = torch.tensor([R, R + 1, 2**40, -2])
+    clean.view(-1)[pos] = -1
+    if op == "unpermute":
+        assert torch.equal(kern.unpermute(x_sorted, bad, w), ops.unpermute(x_sorted, clean, w))
+    else:
+        gy = torch.randn(T, 8, generator=g)
+        for a, b in zip(kern.unpermute_backward(gy, x_sorted, bad, w), ops.unpermute_backward(gy, x_sorted, clean, w)):
+            torch.testing.assert_close(a, b, **TOL[torch.float32])

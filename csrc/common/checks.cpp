@@ -194,11 +194,13 @@ GatingParams check_topk_gating_backward(const at::Tensor& grad_weights,
   if (grad_score_sum.has_value()) {
     check_dim(op, "grad_score_sum", *grad_score_sum, 1, "[E]");
     check_size(op, "grad_score_sum", *grad_score_sum, 0, E, "E");
+    check_float_dtype(op, "grad_score_sum", *grad_score_sum);
     check_same_device(op, "grad_score_sum", *grad_score_sum, "logits", logits);
   }
   if (grad_lse.has_value()) {
     check_dim(op, "grad_lse", *grad_lse, 1, "[T]");
     check_size(op, "grad_lse", *grad_lse, 0, T, "T");
+    check_float_dtype(op, "grad_lse", *grad_lse);
     check_same_device(op, "grad_lse", *grad_lse, "logits", logits);
   }
   check_id_values(op, "expert_ids", expert_ids, 0, E);
