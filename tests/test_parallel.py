@@ -295,3 +295,40 @@ def _global_aux_worker(rank, world):
 def test_global_batch_aux_loss_sums_the_counts_over_ranks():
     out = launch(_global_aux_worker, 3, timeout_s=TIMEOUT_S)
     assert out[1] == 0.0 and out[0] > 0 and out[2] > 0
+
+
+def _random_cases(n, world, seed):
+    """n random layer configurations (every option expert parallelism takes) with random token counts per
+    rank, some zero: the options drawn together, as tests/test_layer_fuzz.py draws them for one process."""
+    import random
+    rnd = random.Random(seed)
+    cases = []
+    for _ in range(n):
+        E = rnd.randint(world, 9)
+        k = rnd.randint(1, E)
+        kw = dict(activation=rnd.choice(["silu", "gelu", "gelu_no_mul", "relu_no_mul"]), bias=rnd.random() < 0.5,
+                  score_func=rnd.choice(["softmax", "sigmoid"]), renormalize=rnd.random() < 0.5,
+                  aux_loss_coef=rnd.choice([0.0, 0.1]), z_loss_coef=rnd.choice([0.0, 0.01]),
+                  recompute=rnd.random() < 0.3, attach_aux_loss=rnd.random() < 0.2,
+                  routed_scaling_factor=rnd.choice([1.0, 2.5]), expert_bias=rnd.random() < 0.3)
+        if rnd.random() < 0.2:
+            kw = dict(routing="expert_choice", capacity_factor=rnd.choice([0.5, 1.0, 2.0]),
+                      activation=kw["activation"], recompute=kw["recompute"])
+        elif rnd.random() < 0.5:
+            kw["capacity_factor"] = rnd.choice([0.5, 0.75, 1.25])
+            kw["overflow"], kw["drop_policy"] = rnd.choice([("drop", "position"), ("drop", "probs"),
+                                                            ("reroute", "position")])
+        if rnd.random() < 0.3:
+            kw.update(num_shared_experts=rnd.randint(1, 2), shared_expert_gate=rnd.random() < 0.5)
+        cases.append(dict(H=rnd.choice([4, 8, 12]), F=rnd.choice([3, 6]), E=E, k=k, kw=kw,
+                          Ts=[rnd.choice([0, 1, 5, 9, 13]) for _ in range(world)], pad=rnd.random() < 0.3,
+                          batch_dims=rnd.random() < 0.3))
+    return cases
+
+
+def test_expert_parallel_random_cases_three_ranks():
+    """24 random option combinations over 3 ranks (uneven expert ranges whenever 3 does not divide E), each
+    against the unsharded layer on every rank's tokens: outputs, aux loss, statistics, all gradients."""
+    cases = _random_cases(24, 3, seed=7)
+    out = launch(_cases_worker, 3, [(None, cases)], timeout_s=TIMEOUT_S)
+    assert sum(r["comm"]["dispatch_rows_sent"] for o in out for r in o) > 0
