@@ -303,9 +303,13 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
     """
     score_func = _alias("score_func", score_func, "softmax", "scoring_func", scoring_func)
     expert_bias = _alias("expert_bias", expert_bias, None, "e_score_correction_bias", e_score_correction_bias)
+    for name, t, last in (("hidden_states", hidden_states, "H"), ("gating_output", gating_output, "E")):
+        if t.dim() < 1 or not t.is_floating_point():
+            raise ValueError(f"moe_ext.fused_moe: {name} must be a floating-point tensor [..., {last}], got "
+                             f"{t.dtype} {tuple(t.shape)}")
     H = hidden_states.shape[-1]
-    x = hidden_states.reshape(-1, H)
-    logits = gating_output.reshape(-1, gating_output.shape[-1])
+    x = hidden_states.reshape(math.prod(hidden_states.shape[:-1]), H)  # explicit: -1 is ambiguous for H = 0
+    logits = gating_output.reshape(math.prod(gating_output.shape[:-1]), gating_output.shape[-1])
     if logits.shape[0] != x.shape[0]:
         raise ValueError(f"moe_ext.fused_moe: gating_output must have one row per token ({x.shape[0]}), got "
                          f"{tuple(gating_output.shape)}")

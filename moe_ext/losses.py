@@ -31,10 +31,22 @@ def expert_counts(keys: Tensor, n: int) -> Tensor:
     return edges[1:] - edges[:-1]
 
 
+def _check_counts(where: str, tokens_per_expert: Tensor, score_sum: Tensor, top_k: int) -> None:
+    if (tokens_per_expert.dim() != 1 or score_sum.dim() != 1 or tokens_per_expert.shape != score_sum.shape
+            or not score_sum.is_floating_point() or tokens_per_expert.is_floating_point()
+            or tokens_per_expert.dtype == torch.bool):
+        raise ValueError(f"moe_ext.{where}: tokens_per_expert must be an integer tensor [E] and score_sum a float "
+                         f"tensor [E], got {tokens_per_expert.dtype} {tuple(tokens_per_expert.shape)} and "
+                         f"{score_sum.dtype} {tuple(score_sum.shape)}")
+    if top_k < 1:
+        raise ValueError(f"moe_ext.{where}: top_k must be >= 1, got {top_k}")
+
+
 def load_balancing_loss(tokens_per_expert: Tensor, score_sum: Tensor, num_tokens: Union[int, Tensor],
                         top_k: int) -> Tensor:
     """tokens_per_expert [E] (slots per expert), score_sum [E] (sum over tokens of full scores);
     num_tokens: an int, or a 0-d tensor (the unmasked tokens of a padded batch)."""
+    _check_counts("load_balancing_loss", tokens_per_expert, score_sum, top_k)
     E = score_sum.shape[0]
     n = _per_token(num_tokens)
     f = tokens_per_expert.to(score_sum.dtype) / (n * top_k)
@@ -51,6 +63,7 @@ def global_load_balancing_loss(tokens_per_expert: Tensor, score_sum: Tensor, num
     are reduced as int64 with a functional all-reduce: no host synchronisation, traceable by
     torch.compile. Without an initialised process group it is load_balancing_loss.
     """
+    _check_counts("global_load_balancing_loss", tokens_per_expert, score_sum, top_k)
     counts = tokens_per_expert.to(torch.int64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         from torch.distributed import _functional_collectives as funcol

@@ -113,6 +113,21 @@ def check_token_mask(token_mask: Optional[Tensor], x: Tensor, where: str) -> Opt
     return token_mask.to(x.device)
 
 
+def check_layer_input(x: Tensor, token_mask: Optional[Tensor], router_weight: Tensor, where: str) -> Optional[Tensor]:
+    """Checks a layer's input x [..., H] against its router weight [E, H] (floating, width H, same device, and
+    the parameters' dtype unless torch.autocast casts it), then token_mask (check_token_mask)."""
+    H = router_weight.shape[1]
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != H or not x.is_floating_point():
+        raise ValueError(f"{where}: x must be a floating-point tensor [..., d_model = {H}], got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if x.device != router_weight.device:
+        raise ValueError(f"{where}: x is on {x.device} but the layer's parameters are on {router_weight.device}")
+    if x.dtype != router_weight.dtype and MF._autocast_dtype(x) is None:
+        raise ValueError(f"{where}: x is {x.dtype} but the layer's parameters are {router_weight.dtype} (convert one, "
+                         f"or run under torch.autocast)")
+    return check_token_mask(token_mask, x, where)
+
+
 class _Shared:
     """Holds an object that copy.deepcopy shares instead of copying (a process group, which cannot be)."""
 
@@ -301,7 +316,7 @@ class MoELayer(nn.Module):
         False marks padding, which gets no routed expert (its output is the shared experts' alone, or
         zero), takes no capacity, and is left out of the aux losses and statistics."""
         shape = x.shape
-        token_mask = check_token_mask(token_mask, x, "moe_ext.MoELayer")
+        token_mask = check_layer_input(x, token_mask, self.router.weight, "moe_ext.MoELayer")
         x = x.reshape(-1, shape[-1])
         r = self.route(x, token_mask)
         if getattr(self, "recompute", False):

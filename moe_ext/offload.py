@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from . import functional as MF
 from .losses import expert_counts
-from .modules import MoELayer, check_token_mask
+from .modules import MoELayer, check_layer_input
 
 __all__ = ["OffloadedMoE", "offload_experts", "bench_cache_sizes"]
 
@@ -300,7 +300,7 @@ class OffloadedMoE(nn.Module):
                                "without gradients); call it under torch.no_grad() or torch.inference_mode() "
                                "with inputs and parameters that do not require grad")
         with torch.no_grad():
-            return self._forward(x, check_token_mask(token_mask, x, "moe_ext.offload"))
+            return self._forward(x, check_layer_input(x, token_mask, self.router.weight, "moe_ext.offload"))
 
     def _group(self, x: Tensor, ids: Tensor, weights: Tensor, experts: List[int], counts: List[int],
                acc_dtype: torch.dtype) -> Tensor:

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as MF
-from .modules import Experts, MoELayer, check_token_mask
+from .modules import Experts, MoELayer, check_layer_input
 
 __all__ = ["ExpertParallelMoELayer", "shard_experts", "expert_range", "expert_ranges", "make_ep_dp_groups", "EPDPGroups",
            "all_reduce_gradients", "all_to_all"]
@@ -177,7 +177,7 @@ class ExpertParallelMoELayer(nn.Module):
         """As MoELayer.forward; padding (token_mask False) is routed nowhere, so it is never sent."""
         shape = x.shape
         H = shape[-1]
-        token_mask = check_token_mask(token_mask, x, "moe_ext.parallel")
+        token_mask = check_layer_input(x, token_mask, self.router.weight, "moe_ext.parallel")
         x = x.reshape(-1, H)
         W, El, E = self.ep_size, self.num_local_experts, self.num_experts
         r = self.route(x, token_mask)

@@ -58,6 +58,11 @@ def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacit
     if drop_policy == "probs" and (weights is None or weights.shape != expert_ids.shape):
         raise ValueError(f"moe_ext.apply_capacity: drop_policy='probs' needs weights shaped like expert_ids "
                          f"{tuple(expert_ids.shape)}, got {None if weights is None else tuple(weights.shape)}")
+    if (logits.dim() != 2 or not logits.is_floating_point() or logits.shape[1] != num_experts
+            or (expert_ids.dim() >= 1 and logits.shape[0] != expert_ids.shape[0])):
+        raise ValueError(f"moe_ext.apply_capacity: logits must be a float tensor [T, num_experts] with expert_ids' "
+                         f"T, got {logits.dtype} {tuple(logits.shape)} for expert_ids {tuple(expert_ids.shape)} and "
+                         f"num_experts = {num_experts}")
     if overflow == "drop":
         # The reroute op checks its arguments in C++; the same checks for the drop path. Id values only
         # in eager mode on CPU tensors, where reading them costs no device synchronisation and no graph

@@ -177,3 +177,29 @@ def test_gating_routed_scaling_extremes_accepted():
     moe_ext.topk_gating(torch.randn(3, 7, dtype=torch.float64), 2, routed_scaling=1e-300)
     moe_ext.topk_gating(torch.randn(3, 7), 2, routed_scaling=3.4e38)
     moe_ext.topk_gating(torch.randn(3, 7), 2, routed_scaling=1e-40)  # subnormal in float32, still > 0
+
+
+def test_layer_input_errors_name_the_layer():
+    layer = moe_ext.MoELayer(8, 16, 4, 2)
+    with pytest.raises(ValueError, match=r"moe_ext.MoELayer: x must be a floating-point tensor \[..., d_model = 8\], "
+                                         r"got torch.float32 \(3, 7\)"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="moe_ext.MoELayer: x must be a floating-point tensor .* got torch.int64"):
+        layer(torch.zeros(3, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="moe_ext.MoELayer: x is torch.float64 but the layer's parameters are "
+                                         "torch.float32"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: accepted
+        assert layer(torch.randn(3, 8, dtype=torch.bfloat16)).shape == (3, 8)
+
+
+def test_functional_errors_name_the_function():
+    with pytest.raises(ValueError, match=r"moe_ext.load_balancing_loss: tokens_per_expert must be an integer tensor "
+                                         r"\[E\] and score_sum a float tensor \[E\], got torch.int64 \(0,\) and "
+                                         r"torch.float32 \(5,\)"):
+        moe_ext.load_balancing_loss(torch.zeros(0, dtype=torch.long), torch.rand(5), 4, 2)
+    with pytest.raises(ValueError, match="moe_ext.fused_moe: gating_output must be a floating-point tensor"):
+        moe_ext.fused_moe(torch.randn(3, 8), torch.randn(4, 6, 8), torch.randn(4, 8, 3), torch.zeros(3, 4).long(), 2)
+    ids = torch.zeros(3, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"moe_ext.apply_capacity: logits must be a float tensor \[T, num_experts\]"):
+        moe_ext.routing.apply_capacity(ids, torch.randn(3, 5), 4, 1)
