@@ -37,7 +37,7 @@ using OptTensor = std::optional<Tensor>;
 
 using GatingOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using GatingSig = GatingOut(const Tensor&, int64_t, c10::string_view, c10::string_view, bool, const OptTensor&,
-                            int64_t, int64_t, double);
+                            int64_t, int64_t, double, c10::string_view);
 using GatingBwdSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
                             c10::string_view, c10::string_view, bool, double);
 using PermuteOut = std::tuple<Tensor, Tensor, Tensor>;
@@ -101,17 +101,19 @@ struct TopkGating : torch::autograd::Function<TopkGating> {
   // nothing needs a gradient.
   static GatingOut below(const Tensor& logits, int64_t k, c10::string_view score_func, c10::string_view order,
                          bool renormalize, const OptTensor& expert_bias, int64_t num_groups, int64_t topk_groups,
-                         double routed_scaling) {
+                         double routed_scaling, c10::string_view group_score) {
     MOE_OP(gating, "topk_gating", GatingSig);
     at::AutoDispatchBelowADInplaceOrView guard;
-    return gating.call(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, routed_scaling);
+    return gating.call(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, routed_scaling,
+                       group_score);
   }
 
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, int64_t k, c10::string_view score_func,
                                c10::string_view order, bool renormalize, const OptTensor& expert_bias,
-                               int64_t num_groups, int64_t topk_groups, double routed_scaling) {
-    auto [w, ids, tpe, score_sum, lse] =
-        below(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, routed_scaling);
+                               int64_t num_groups, int64_t topk_groups, double routed_scaling,
+                               c10::string_view group_score) {
+    auto [w, ids, tpe, score_sum, lse] = below(logits, k, score_func, order, renormalize, expert_bias, num_groups,
+                                               topk_groups, routed_scaling, group_score);
     ctx->save_for_backward({logits, ids});
     ctx->saved_data["score_func"] = std::string(score_func);
     ctx->saved_data["order"] = std::string(order);
@@ -136,19 +138,19 @@ struct TopkGating : torch::autograd::Function<TopkGating> {
       Tensor grad = gating_bwd.call(grad_w, opt(grads[3]), opt(grads[4]), logits, ids, score_func, order,
                                     ctx->saved_data["renormalize"].toBool(),
                                     ctx->saved_data["routed_scaling"].toDouble());
-      return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+      return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     });
   }
 };
 
 GatingOut topk_gating_autograd(const Tensor& logits, int64_t k, c10::string_view score_func, c10::string_view order,
                                bool renormalize, const OptTensor& expert_bias, int64_t num_groups,
-                               int64_t topk_groups, double routed_scaling) {
+                               int64_t topk_groups, double routed_scaling, c10::string_view group_score) {
   if (!recording(logits))
     return TopkGating::below(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups,
-                             routed_scaling);
+                             routed_scaling, group_score);
   auto out = TopkGating::apply(logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups,
-                               routed_scaling);
+                               routed_scaling, group_score);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

@@ -9,6 +9,7 @@ from . import _C  # noqa: F401  (registers torch.ops.moe_ext.*)
 from . import _ops  # noqa: F401  (fake kernels)
 from .functional import (GatingOutput, expert_ffn, fused_moe, grouped_gemm, permute, topk_gating,  # noqa: F401
                          unpermute)
+from .fused import fused_experts, fused_topk, grouped_topk  # noqa: F401
 from .losses import (attach_aux_loss, global_load_balancing_loss, load_balancing_loss,  # noqa: F401
                      sequence_load_balancing_loss, z_loss)
 from .modules import Experts, MoELayer, Router, SharedExperts  # noqa: F401
@@ -45,7 +46,7 @@ def empty_cpu_cache() -> None:
 
 def sm90_gemm_tile() -> str:
     """The tile the sm_90a (Hopper) bf16/fp16 grouped GEMM uses: "auto" (the default: 128x256 when the
-    experts average >= 1024 rows and the problem fills the GPU twice over with such tiles, 128x128
+    experts average >= 256 rows and the problem fills the GPU twice over with such tiles, 128x128
     otherwise), "128x128" or "128x256". Starts from the environment variable MOE_EXT_SM90_TILE."""
     return _C.sm90_gemm_tile()
 

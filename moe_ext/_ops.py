@@ -21,7 +21,7 @@ def _routing_dtype(logits: torch.Tensor) -> torch.dtype:
 
 @torch.library.register_fake("moe_ext::topk_gating")
 def _topk_gating_fake(logits, k, score_func="softmax", order="softmax_topk", renormalize=True,
-                      expert_bias=None, num_groups=1, topk_groups=1, routed_scaling=1.0):
+                      expert_bias=None, num_groups=1, topk_groups=1, routed_scaling=1.0, group_score="top2_sum"):
     torch._check(logits.dim() == 2, lambda: f"moe_ext.topk_gating: logits must be 2-D [T, E], got {logits.dim()}-D")
     _same_device("topk_gating", "expert_bias", expert_bias, "logits", logits)
     T, E = logits.shape

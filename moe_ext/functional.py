@@ -34,18 +34,20 @@ class GatingOutput(NamedTuple):
 
 def topk_gating(logits: Tensor, k: int, *, score_func: str = "softmax", order: str = "softmax_topk",
                 renormalize: bool = True, expert_bias: Optional[Tensor] = None, num_groups: int = 1,
-                topk_groups: int = 1, routed_scaling: float = 1.0) -> GatingOutput:
+                topk_groups: int = 1, routed_scaling: float = 1.0, group_score: str = "top2_sum") -> GatingOutput:
     """Top-k routing of logits [T, E] in one pass.
 
     score_func: "softmax" or "sigmoid". order: "softmax_topk" (scores over all E, pick the k best;
     Mixtral, Qwen, DeepSeek) or "topk_softmax" (pick the k largest logits, softmax over them).
     renormalize divides the k chosen scores by their sum. expert_bias [E] is added to the scores for
     the selection only (DeepSeek-V3). num_groups/topk_groups: group-limited routing (a group scores the
-    sum of its two best experts; the topk_groups best groups stay eligible). The weights are multiplied
+    sum of its two best selection keys, group_score="top2_sum" as DeepSeek-V3, or its best one, "max" as
+    DeepSeek-V2's group_limited_greedy; the topk_groups best groups stay eligible). The weights are multiplied
     by routed_scaling. Ties go to the lower expert id; NaN logits rank last.
     Differentiable w.r.t. logits through weights, score_sum and lse.
     """
-    args = (logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, float(routed_scaling))
+    args = (logits, k, score_func, order, renormalize, expert_bias, num_groups, topk_groups, float(routed_scaling),
+            group_score)
     return GatingOutput(*_ops.topk_gating(*args))
 
 
@@ -264,77 +266,5 @@ def _permute_expert_ffn(x, expert_ids, num_experts, w1, w2, activation, b1, b2, 
     return _RecomputedExperts.apply(x, expert_ids, num_experts, max_rows, w1, w2, b1, b2, activation)
 
 
-def _alias(name: str, value, default, alias: str, alias_value):
-    """value, or alias_value when only the alias (another library's name for the argument) was given."""
-    if alias_value is None:
-        return value
-    if value is not None and (not isinstance(value, str) or value != default):
-        raise ValueError(f"moe_ext.fused_moe: give {name} or {alias}, not both")
-    return alias_value
-
-
-def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tensor, topk: int,
-              renormalize: bool = True, inplace: bool = False, *, activation: str = "silu",
-              score_func: str = "softmax", expert_bias: Optional[Tensor] = None,
-              use_grouped_topk: Optional[bool] = None, num_expert_group: Optional[int] = 1,
-              topk_group: Optional[int] = 1, routed_scaling_factor: float = 1.0,
-              w1_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None,
-              global_num_experts: int = -1, expert_map: Optional[Tensor] = None,
-              recompute: bool = False, scoring_func: Optional[str] = None,
-              e_score_correction_bias: Optional[Tensor] = None) -> Tensor:
-    """Drop-in fused MoE (vLLM's argument order and names), differentiable in all four tensor inputs.
-
-    hidden_states [..., H]; w1 [E, 2F, H] (gated "silu"/"gelu": gate rows then up rows, as in
-    transformers' gate_up_proj and vLLM's w1) or [E, F, H] ("silu_no_mul", "gelu_no_mul",
-    "relu_no_mul"); w2 [E, H, F]; gating_output [..., E] router logits. Routes each token to its topk
-    experts by softmax (or sigmoid) scores, renormalising the chosen weights when renormalize, and
-    returns sum_j weight_j * expert_j(x) shaped like hidden_states. Under torch.autocast the expert
-    GEMMs run in the autocast dtype, as does the result (docs/ops.md, "Mixed precision").
-
-    vLLM's options: inplace=True writes the result into hidden_states and returns it (inference: not
-    with inputs that need gradients). Group-limited routing (num_expert_group groups, the topk_group
-    best kept) applies when use_grouped_topk is True, or, left None, when num_expert_group > 1; False
-    routes over all experts. expert_map [E_global] int (expert parallelism): gating_output has E_global
-    columns, w1/w2 hold this rank's E_local experts, and expert_map[e] is expert e's local index or -1;
-    the result sums this rank's experts only (partial sums, to be reduced over the ranks).
-    global_num_experts, when given, must equal E_global. recompute=True: the backward recomputes the
-    grouped tokens and the activation instead of saving them (permute_expert_ffn). vLLM's spellings
-    scoring_func and e_score_correction_bias are accepted for score_func and expert_bias.
-    """
-    score_func = _alias("score_func", score_func, "softmax", "scoring_func", scoring_func)
-    expert_bias = _alias("expert_bias", expert_bias, None, "e_score_correction_bias", e_score_correction_bias)
-    for name, t, last in (("hidden_states", hidden_states, "H"), ("gating_output", gating_output, "E")):
-        if t.dim() < 1 or not t.is_floating_point():
-            raise ValueError(f"moe_ext.fused_moe: {name} must be a floating-point tensor [..., {last}], got "
-                             f"{t.dtype} {tuple(t.shape)}")
-    H = hidden_states.shape[-1]
-    x = hidden_states.reshape(math.prod(hidden_states.shape[:-1]), H)  # explicit: -1 is ambiguous for H = 0
-    logits = gating_output.reshape(math.prod(gating_output.shape[:-1]), gating_output.shape[-1])
-    if logits.shape[0] != x.shape[0]:
-        raise ValueError(f"moe_ext.fused_moe: gating_output must have one row per token ({x.shape[0]}), got "
-                         f"{tuple(gating_output.shape)}")
-    E_global = logits.shape[1]
-    if global_num_experts not in (-1, None) and global_num_experts != E_global:
-        raise ValueError(f"moe_ext.fused_moe: global_num_experts = {global_num_experts} but gating_output has "
-                         f"{E_global} columns")
-    if expert_map is not None and (expert_map.dim() != 1 or expert_map.shape[0] != E_global
-                                   or expert_map.dtype not in (torch.int32, torch.int64)):
-        raise ValueError(f"moe_ext.fused_moe: expert_map must be [E_global] = [{E_global}] int32 or int64, got "
-                         f"{tuple(expert_map.shape)} {expert_map.dtype}")
-    E, _ = check_expert_weights(w1, w2, activation, H, E_global if expert_map is None else None)
-    groups = num_expert_group or 1
-    if use_grouped_topk is False:
-        groups, topk_group = 1, 1
-    elif use_grouped_topk and groups <= 1:
-        raise ValueError("moe_ext.fused_moe: use_grouped_topk=True needs num_expert_group > 1")
-    g = topk_gating(logits, topk, score_func=score_func, renormalize=renormalize, expert_bias=expert_bias,
-                    num_groups=groups, topk_groups=topk_group or 1, routed_scaling=routed_scaling_factor)
-    ids = g.expert_ids
-    if expert_map is not None:  # global ids -> this rank's local ids, -1 (no compute) for the others
-        ids = expert_map.to(ids.device)[ids.long()].to(torch.int32)
-    y_sorted, offsets, row_map = _permute_expert_ffn(x, ids, E, w1, w2, activation, w1_bias, w2_bias, -1,
-                                                     recompute)
-    out = unpermute(y_sorted, row_map, g.weights).reshape(hidden_states.shape)
-    if inplace:
-        return hidden_states.copy_(out)
-    return out
+# vLLM's API (fused_moe and friends) lives in moe_ext.fused; fused_moe stays importable from here.
+from .fused import fused_moe  # noqa: E402,F401

@@ -155,7 +155,9 @@ class MoELayer(nn.Module):
     """A Mixture-of-Experts FFN layer: x [..., H] -> [..., H].
 
     Token choice (default): each token picks its top_k experts by softmax or sigmoid scores
-    (renormalised, group-limited with n_group/topk_group, scaled by routed_scaling_factor).
+    (renormalised, group-limited with n_group/topk_group, a group scored by the sum of its two best
+    experts, group_score="top2_sum" (DeepSeek-V3), or its best, "max" (DeepSeek-V2), scaled by
+    routed_scaling_factor).
     capacity_factor: each expert keeps at most ceil(cf * T * top_k / E) slots, admitted by priority
     (drop_policy="position": all first choices before any second choice, lower token first; "probs":
     the largest routing weights first); overflow="drop" zeroes the rest, "reroute" (position only)
@@ -181,7 +183,7 @@ class MoELayer(nn.Module):
     # What route() and capacity() read; moe_ext.parallel and moe_ext.offload copy them.
     ROUTING_ATTRS = ("num_experts", "top_k", "score_func", "renormalize", "capacity_factor", "overflow", "routing",
                      "drop_policy", "jitter_eps", "aux_loss_coef", "aux_loss_scope", "aux_loss_group", "z_loss_coef",
-                     "n_group", "topk_group", "routed_scaling_factor")
+                     "n_group", "topk_group", "group_score", "routed_scaling_factor")
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, *, activation: str = "silu",
                  bias: bool = False, score_func: str = "softmax", renormalize: bool = True,
@@ -189,7 +191,8 @@ class MoELayer(nn.Module):
                  routing: str = "token_choice",
                  num_shared_experts: int = 0, jitter_eps: float = 0.0, aux_loss_coef: float = 0.0,
                  aux_loss_scope: str = "batch", aux_loss_group=None, z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
-                 routed_scaling_factor: float = 1.0, expert_bias: bool = False, shared_expert_gate: bool = False,
+                 routed_scaling_factor: float = 1.0, group_score: str = "top2_sum", expert_bias: bool = False,
+                 shared_expert_gate: bool = False,
                  shared_d_ff: Optional[int] = None, attach_aux_loss: bool = False, recompute: bool = False,
                  device=None, dtype=None):
         super().__init__()
@@ -221,6 +224,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"moe_ext.MoELayer: capacity_factor must be a finite number > 0, got {capacity_factor}")
         if (n_group is None) != (topk_group is None):
             raise ValueError("moe_ext.MoELayer: n_group and topk_group go together")
+        if group_score not in ("top2_sum", "max"):
+            raise ValueError(f"moe_ext.MoELayer: group_score must be 'top2_sum' or 'max', got {group_score!r}")
         if n_group is not None:
             if not 1 <= n_group <= 64 or num_experts % n_group:
                 raise ValueError(f"moe_ext.MoELayer: n_group must be in [1, 64] and divide num_experts = "
@@ -239,7 +244,7 @@ class MoELayer(nn.Module):
         self.drop_policy = drop_policy
         self.jitter_eps, self.aux_loss_coef, self.z_loss_coef = jitter_eps, aux_loss_coef, z_loss_coef
         self.aux_loss_scope, self.aux_loss_group = aux_loss_scope, aux_loss_group
-        self.n_group, self.topk_group = n_group or 1, topk_group or 1
+        self.n_group, self.topk_group, self.group_score = n_group or 1, topk_group or 1, group_score
         self.routed_scaling_factor = routed_scaling_factor
         self.attach_aux_loss, self.aux_loss_grad_scale = attach_aux_loss, 1.0
         self.recompute = recompute
@@ -290,8 +295,9 @@ class MoELayer(nn.Module):
             max_rows = self.num_experts * min(self.capacity(T), T)
         else:
             g = MF.topk_gating(logits, self.top_k, score_func=self.score_func, renormalize=self.renormalize,
-                               expert_bias=getattr(self.router, "expert_bias", None), num_groups=self.n_group, topk_groups=self.topk_group,
-                               routed_scaling=self.routed_scaling_factor)
+                               expert_bias=getattr(self.router, "expert_bias", None), num_groups=self.n_group,
+                               topk_groups=self.topk_group, routed_scaling=self.routed_scaling_factor,
+                               group_score=getattr(self, "group_score", "top2_sum"))
             weights, ids, score_sum, lse, tokens_chosen = g.weights, g.expert_ids, g.score_sum, g.lse, g.tokens_per_expert
             if token_mask is not None:
                 # Masked tokens choose nothing; the statistics are recounted over the others (the full

@@ -6,13 +6,16 @@ any other MoELayer keyword (dtype, device, capacity_factor, ...) passes through 
     mixtral_8x7b(...)    Mixtral 8x7B: H 4096, F 14336, 8 experts, top-2, SwiGLU, renormalised.
     deepseek_moe(...)    DeepSeek-MoE 16B: H 2048, F 1408, 64 routed + 2 shared experts, top-6,
                          softmax without renormalisation, aux loss 1e-3.
+    deepseek_v2(...)     DeepSeek-V2: H 5120, F 1536, 160 routed + 2 shared experts, top-6 within the 3
+                         best of 8 groups (a group scores its best expert), softmax without
+                         renormalisation, x16, aux loss 3e-3.
     deepseek_v3(...)     DeepSeek-V3: H 7168, F 2048, 256 routed + 1 shared, top-8 within the 4 best of
                          8 groups, sigmoid scores, renormalised, x2.5, selection bias (expert_bias),
                          sequence-wise balance loss 1e-4.
 """
 from .modules import MoELayer
 
-__all__ = ["switch", "mixtral_8x7b", "deepseek_moe", "deepseek_v3"]
+__all__ = ["switch", "mixtral_8x7b", "deepseek_moe", "deepseek_v2", "deepseek_v3"]
 
 
 def switch(d_model: int = 768, d_ff: int = 3072, num_experts: int = 128, *, capacity_factor: float = 1.25,
@@ -44,6 +47,21 @@ def deepseek_moe(d_model: int = 2048, d_ff: int = 1408, num_experts: int = 64, t
     of width 2 x 1408), expert-level balance loss 1e-3."""
     return MoELayer(d_model, d_ff, num_experts, top_k, activation="silu", renormalize=False,
                     num_shared_experts=num_shared_experts, aux_loss_coef=aux_loss_coef, **kw)
+
+
+def deepseek_v2(d_model: int = 5120, d_ff: int = 1536, num_experts: int = 160, top_k: int = 6, *,
+                n_group: int = 8, topk_group: int = 3, routed_scaling_factor: float = 16.0,
+                num_shared_experts: int = 2, aux_loss_coef: float = 3e-3, **kw) -> MoELayer:
+    """DeepSeek-V2: softmax scores over 160 routed experts; device-limited routing as its
+    group_limited_greedy (transformers' DeepseekV2MoE, vLLM's grouped_topk without a bias): each of the
+    n_group groups scores its best expert, the topk_group best groups stay eligible, top-6 among them;
+    the weights are the softmax scores (no renormalisation) x routed_scaling_factor; two shared SwiGLU
+    experts; expert-level balance loss alpha_1 = 3e-3 (the paper's device- and communication-level
+    losses are for its parallel layout and are not part of the layer)."""
+    return MoELayer(d_model, d_ff, num_experts, top_k, activation="silu", score_func="softmax", renormalize=False,
+                    n_group=n_group, topk_group=topk_group, group_score="max",
+                    routed_scaling_factor=routed_scaling_factor, num_shared_experts=num_shared_experts,
+                    aux_loss_coef=aux_loss_coef, **kw)
 
 
 def deepseek_v3(d_model: int = 7168, d_ff: int = 2048, num_experts: int = 256, top_k: int = 8, *,

@@ -27,7 +27,7 @@ def _ranked(keys: Tensor, excluded: Optional[Tensor] = None) -> Tensor:
 
 def topk_gating(logits: Tensor, k: int, score_func: str = "softmax", order: str = "softmax_topk",
                 renormalize: bool = True, expert_bias: Optional[Tensor] = None, num_groups: int = 1,
-                topk_groups: int = 1, routed_scaling: float = 1.0):
+                topk_groups: int = 1, routed_scaling: float = 1.0, group_score: str = "top2_sum"):
     """Reference of moe_ext.topk_gating: (weights, expert_ids int64, tokens_per_expert, score_sum, lse)."""
     T, E = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -40,9 +40,9 @@ def topk_gating(logits: Tensor, k: int, score_func: str = "softmax", order: str 
     if num_groups > 1:
         gs = E // num_groups
         kg = key.view(T, num_groups, gs)
-        top2 = torch.gather(kg, -1, _ranked(kg.reshape(T * num_groups, gs)).view(T, num_groups, gs)[..., :2])
-        group_score = top2.sum(-1)
-        kept = _ranked(group_score)[:, :topk_groups]
+        n_best = 1 if group_score == "max" else 2
+        best = torch.gather(kg, -1, _ranked(kg.reshape(T * num_groups, gs)).view(T, num_groups, gs)[..., :n_best])
+        kept = _ranked(best.sum(-1))[:, :topk_groups]
         mask = torch.zeros(T, num_groups, dtype=torch.bool, device=logits.device).scatter_(1, kept, True)
         excluded = ~mask.repeat_interleave(gs, dim=1)
     else:
@@ -256,7 +256,8 @@ def moe_layer(layer, x: Tensor, token_mask: Optional[Tensor] = None):
         weights, chosen = scores, None
     else:
         weights, chosen, *_ = topk_gating(lg, k, layer.score_func, "softmax_topk", layer.renormalize, bias,
-                                          layer.n_group, layer.topk_group, layer.routed_scaling_factor)
+                                          layer.n_group, layer.topk_group, layer.routed_scaling_factor,
+                                          layer.group_score)
         if mask is not None:
             chosen = torch.where(mask.reshape(T, 1), chosen, torch.full_like(chosen, -1))
         ids = chosen

@@ -88,12 +88,14 @@ def test_gating_dtypes(kern, dtype, E, k, T):
                                                     (64, 2, 1, 4), (128, 4, 2, 6), (512, 16, 3, 12)])
 @pytest.mark.parametrize("score", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("T", [7, 129])  # one token block (writes the final sums itself), and several
-def test_gating_bias_and_groups(kern, E, groups, topk_groups, k, score, T):
+@pytest.mark.parametrize("group_score", ["top2_sum", "max"])
+def test_gating_bias_and_groups(kern, E, groups, topk_groups, k, score, T, group_score):
     logits = _logits(T, E, torch.float32, seed=E)
     bias = torch.randn(E, generator=_gen(1)) * 0.1
     for _ in kern.schedules():
         _assert_gating_equal(*_gating_both(kern, logits, k, score_func=score, expert_bias=bias, num_groups=groups,
-                                           topk_groups=topk_groups, routed_scaling=2.5), torch.float32)
+                                           topk_groups=topk_groups, routed_scaling=2.5, group_score=group_score),
+                             torch.float32)
 
 
 def test_gating_bias_dtype_half(kern):
@@ -159,8 +161,9 @@ def test_gating_infinite_and_nan_rows(kern, dtype, E):
         _assert_gating_equal(cpu, dev, dtype)
     if E == 256:  # NaN keys in both group stages: groups of 32 (register slots) and of 16 (staged)
         for groups in (8, 16):
-            _assert_gating_equal(*_gating_both(kern, logits, 4, score_func="sigmoid", num_groups=groups,
-                                               topk_groups=2), dtype)
+            for group_score in ("top2_sum", "max"):
+                _assert_gating_equal(*_gating_both(kern, logits, 4, score_func="sigmoid", num_groups=groups,
+                                                   topk_groups=2, group_score=group_score), dtype)
 
 
 # 1e300 and 1e-50 are not representable in float32: refused there (test_gating_routed_scaling_refused_cuda).
@@ -202,9 +205,10 @@ def test_gating_ties_lower_id_wins(kern, E):
     _assert_gating_equal(*_gating_both(kern, lb, 8), torch.bfloat16)
     if E >= 64:  # tied keys and tied group scores, in both group stages (groups of 32, and of 16)
         for groups in (E // 32, E // 16):
-            for score in ("sigmoid", "softmax"):
+            for score, group_score in (("sigmoid", "top2_sum"), ("softmax", "top2_sum"), ("softmax", "max")):
                 _assert_gating_equal(*_gating_both(kern, lb, 8, score_func=score, num_groups=groups,
-                                                   topk_groups=max(1, groups // 2)), torch.bfloat16)
+                                                   topk_groups=max(1, groups // 2), group_score=group_score),
+                                     torch.bfloat16)
 
 
 def test_gating_signed_zero_keys_tie(kern):

@@ -121,6 +121,31 @@ def test_group_limited_routing(groups, topk_groups, k):
         assert len(set(row)) <= topk_groups
 
 
+@pytest.mark.parametrize("group_score", ["top2_sum", "max"])
+@pytest.mark.parametrize("groups,topk_groups,k", [(4, 2, 3), (8, 3, 6), (16, 1, 1)])
+def test_group_score_modes(group_score, groups, topk_groups, k):
+    """group_score="max" is DeepSeek-V2's group_limited_greedy (and vLLM's grouped_topk without a bias):
+    a group scores its best expert; "top2_sum" its two best (DeepSeek-V3). Written out here as those
+    models do it, on softmax scores without ties."""
+    E, T = 16, 40
+    logits = torch.randn(T, E, dtype=torch.float64)
+    out = check_against_reference(logits, k, num_groups=groups, topk_groups=topk_groups, renormalize=False,
+                                  group_score=group_score)
+    scores = torch.softmax(logits, -1)
+    grouped = scores.view(T, groups, E // groups)
+    gscore = grouped.max(-1).values if group_score == "max" else grouped.topk(min(2, E // groups), -1).values.sum(-1)
+    keep = torch.zeros(T, groups, dtype=torch.bool).scatter_(1, gscore.topk(topk_groups, -1).indices, True)
+    masked = scores.masked_fill(~keep.repeat_interleave(E // groups, 1), 0.0)
+    w, ids = masked.topk(k, -1)
+    assert torch.equal(out.expert_ids.long(), ids)
+    torch.testing.assert_close(out.weights, w)
+
+
+def test_group_score_is_checked():
+    with pytest.raises(RuntimeError, match=r'topk_gating: group_score must be "top2_sum" or "max", got "mean"'):
+        moe_ext.topk_gating(torch.randn(3, 8), 2, num_groups=2, topk_groups=1, group_score="mean")
+
+
 def test_noncontiguous_logits():
     logits = torch.randn(13, 7, dtype=torch.float64)
     a = moe_ext.topk_gating(logits, 3)

@@ -41,7 +41,8 @@ def gating_args(draw):
     groups = [g for g in range(2, min(E, 64) + 1) if E % g == 0]
     if groups and draw(st.booleans()):
         g = draw(st.sampled_from(groups))
-        kw.update(num_groups=g, topk_groups=draw(st.integers(1, g)))
+        kw.update(num_groups=g, topk_groups=draw(st.integers(1, g)),
+                  group_score=draw(st.sampled_from(["top2_sum", "max"])))
         k = draw(st.integers(1, kw["topk_groups"] * (E // g)))
     else:
         k = draw(st.integers(1, E))

@@ -34,7 +34,7 @@ def layer_configs(draw):
     groups = [g for g in range(2, E + 1) if E % g == 0]
     if routing == "token_choice" and groups and draw(st.booleans()):
         g = draw(st.sampled_from(groups))
-        kw.update(n_group=g, topk_group=draw(st.integers(1, g)))
+        kw.update(n_group=g, topk_group=draw(st.integers(1, g)), group_score=draw(st.sampled_from(["top2_sum", "max"])))
         k = draw(st.integers(1, kw["topk_group"] * (E // g)))
     else:
         k = draw(st.integers(1, E))

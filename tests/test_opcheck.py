@@ -28,6 +28,7 @@ def samples():
     yield "topk_gating", (logits, k), {}
     yield "topk_gating", (logits.double(), 2, "sigmoid", "softmax_topk", False, torch.randn(E).double(), 1, 1, 2.0), {}
     yield "topk_gating", (torch.randn(5, 16), 3, "sigmoid", "softmax_topk", True, None, 4, 2, 1.0), {}
+    yield "topk_gating", (torch.randn(5, 16), 3, "softmax", "softmax_topk", False, None, 8, 3, 16.0, "max"), {}
     yield "topk_gating", (torch.randn(0, E), k), {}
     yield "topk_gating_backward", (torch.randn(T, k), torch.randn(E), torch.randn(T), logits, ids, "softmax",
                                    "softmax_topk", True, 1.0), {}

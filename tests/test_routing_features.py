@@ -116,11 +116,12 @@ def test_offload_keeps_shared_expert_gate_and_bias():
         torch.testing.assert_close(off(x), layer(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["switch", "mixtral_8x7b", "deepseek_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["switch", "mixtral_8x7b", "deepseek_moe", "deepseek_v2", "deepseek_v3"])
 def test_presets_tiny(name):
     small = dict(switch=dict(d_model=16, d_ff=24, num_experts=4),
                  mixtral_8x7b=dict(d_model=16, d_ff=24),
                  deepseek_moe=dict(d_model=16, d_ff=8, num_experts=16),
+                 deepseek_v2=dict(d_model=16, d_ff=8, num_experts=16),
                  deepseek_v3=dict(d_model=16, d_ff=8, num_experts=16))[name]
     layer = getattr(moe_ext.presets, name)(**small)
     x = torch.randn(2, 10, 16)
@@ -139,12 +140,18 @@ def test_presets_tiny(name):
         assert layer.aux_loss_coef == 1e-4 and layer.aux_loss_scope == "sequence" and float(layer.aux_loss.detach()) > 0
     if name == "deepseek_moe":
         assert layer.shared_experts.w1.shape[0] == 2 and layer.top_k == 6
+    if name == "deepseek_v2":
+        assert layer.group_score == "max" and layer.n_group == 8 and layer.topk_group == 3 and not layer.renormalize
+        r = layer.route(x.reshape(-1, 16).detach())
+        assert ((r.expert_ids.long() // 2).sort(-1).values.diff(dim=-1) != 0).sum(-1).le(2).all()  # <= 3 groups
 
 
 def test_preset_default_sizes():
     # The real sizes, on the meta device (no memory).
     m = moe_ext.presets.mixtral_8x7b(device="meta")
     assert m.experts.w1.shape == (8, 2 * 14336, 4096) and m.top_k == 2
+    v2 = moe_ext.presets.deepseek_v2(device="meta")
+    assert v2.experts.w1.shape == (160, 2 * 1536, 5120) and v2.shared_experts.w1.shape == (2, 2 * 1536, 5120)
     d = moe_ext.presets.deepseek_v3(device="meta")
     assert d.experts.w1.shape == (256, 4096, 7168) and d.shared_experts.w1.shape == (1, 4096, 7168)
 

@@ -104,7 +104,7 @@ void check_routed_scaling(const char* op, double routed_scaling, at::ScalarType 
 GatingParams make_gating_params(const char* op, int64_t T, int64_t E, int64_t k, c10::string_view score_func,
                                 c10::string_view order, bool renormalize, int64_t num_groups,
                                 int64_t topk_groups, double routed_scaling, at::ScalarType logits_dtype,
-                                bool has_bias) {
+                                bool has_bias, int group_top = 2) {
   GatingParams p{};
   p.num_tokens = T;
   p.num_experts = static_cast<int>(E);
@@ -116,6 +116,7 @@ GatingParams make_gating_params(const char* op, int64_t T, int64_t E, int64_t k,
   p.renormalize = renormalize;
   p.num_groups = static_cast<int>(num_groups);
   p.topk_groups = static_cast<int>(topk_groups);
+  p.group_top = group_top;
   check_routed_scaling(op, routed_scaling, logits_dtype);
   p.routed_scaling = routed_scaling;
   p.has_bias = has_bias;
@@ -127,7 +128,7 @@ GatingParams make_gating_params(const char* op, int64_t T, int64_t E, int64_t k,
 GatingParams check_topk_gating(const at::Tensor& logits, int64_t k, c10::string_view score_func,
                                c10::string_view order, bool renormalize,
                                const std::optional<at::Tensor>& expert_bias, int64_t num_groups,
-                               int64_t topk_groups, double routed_scaling) {
+                               int64_t topk_groups, double routed_scaling, c10::string_view group_score) {
   const char* op = "topk_gating";
   check_dim(op, "logits", logits, 2, "[T, E]");
   check_float_dtype(op, "logits", logits);
@@ -150,9 +151,11 @@ GatingParams check_topk_gating(const at::Tensor& logits, int64_t k, c10::string_
     check_float_dtype(op, "expert_bias", b);
     check_same_device(op, "expert_bias", b, "logits", logits);
   }
+  TORCH_CHECK(group_score == "top2_sum" || group_score == "max", "moe_ext.", op,
+              ": group_score must be \"top2_sum\" or \"max\", got \"", group_score, "\"");
   return make_gating_params(op, T, E, k, score_func, order, renormalize, num_groups,
                             num_groups > 1 ? topk_groups : 1, routed_scaling, logits.scalar_type(),
-                            expert_bias.has_value());
+                            expert_bias.has_value(), group_score == "max" ? 1 : 2);
 }
 
 namespace {

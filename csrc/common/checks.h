@@ -41,7 +41,7 @@ GateOrder parse_order(const char* op, c10::string_view s);
 GatingParams check_topk_gating(const at::Tensor& logits, int64_t k, c10::string_view score_func,
                                c10::string_view order, bool renormalize,
                                const std::optional<at::Tensor>& expert_bias, int64_t num_groups,
-                               int64_t topk_groups, double routed_scaling);
+                               int64_t topk_groups, double routed_scaling, c10::string_view group_score);
 GatingParams check_topk_gating_backward(const at::Tensor& grad_weights,
                                         const std::optional<at::Tensor>& grad_score_sum,
                                         const std::optional<at::Tensor>& grad_lse,

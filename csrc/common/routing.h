@@ -33,6 +33,7 @@ struct GatingParams {
   bool renormalize;
   int num_groups;   // 1 = no group-limited routing
   int topk_groups;  // groups kept per token when num_groups > 1
+  int group_top;    // a group's score: the sum of its group_top best keys (2: DeepSeek-V3; 1: the max, DeepSeek-V2)
   // Kept in double: fp64 routing must not see it rounded to float. Each use converts it to acc_t,
   // where the checks have made sure it is finite and > 0.
   double routed_scaling;
@@ -240,10 +241,10 @@ MOE_HD T row_logsumexp(T row_max, T sum, bool any_nan) {
   return row_max + moe_log(sum);
 }
 
-// A group's score: the sum of the two best selection keys among experts [first, last), ranked with
-// the shared order (the key itself if the group holds one expert).
+// A group's score: the sum of the `top` (1 or 2) best selection keys among experts [first, last), ranked
+// with the shared order (the best key alone if the group holds one expert).
 template <typename T, typename KeyAt>
-MOE_HD T group_score(int first, int last, const KeyAt& key_at) {
+MOE_HD T group_score(int first, int last, int top, const KeyAt& key_at) {
   int i1 = -1, i2 = -1;
   T v1 = T(0), v2 = T(0);
   for (int e = first; e < last; ++e) {
@@ -254,18 +255,18 @@ MOE_HD T group_score(int first, int last, const KeyAt& key_at) {
       i2 = e; v2 = key;
     }
   }
-  return i2 < 0 ? v1 : v1 + v2;
+  return i2 < 0 || top == 1 ? v1 : v1 + v2;
 }
 
-// Group-limited routing (DeepSeek-V3): a group's score is the sum of its two best selection keys;
-// the topk_groups best groups stay eligible. Returns a bit mask of the kept groups (num_groups <= 64).
+// Group-limited routing: a group's score is the sum of its two best selection keys (DeepSeek-V3) or its
+// best key (p.group_top = 1: DeepSeek-V2); the topk_groups best groups stay eligible. Returns a bit mask of the kept groups (num_groups <= 64).
 template <typename T, typename In>
 MOE_HD uint64_t select_groups(const GatingParams& p, const In* logits, const T* score, const T* bias,
                               T* group_scratch = nullptr) {
   if (p.num_groups <= 1) return ~uint64_t(0);
   const int gsize = p.num_experts / p.num_groups;
   auto gscore = [&](int g) {
-    return group_score<T>(g * gsize, (g + 1) * gsize, [&](int e) {
+    return group_score<T>(g * gsize, (g + 1) * gsize, p.group_top, [&](int e) {
       return selection_key(p, T(logits[e]), score[e], bias ? bias[e] : T(0));
     });
   };

@@ -55,8 +55,8 @@ __device__ __forceinline__ uint64_t warp_select_groups(const GatingParams& p, co
   const int gsize = p.num_experts / p.num_groups;
   const auto key_at = [&](int e) { return keys[e]; };
   const int g0 = lane, g1 = lane + 32;
-  const float v0 = g0 < p.num_groups ? group_score<float>(g0 * gsize, (g0 + 1) * gsize, key_at) : 0.f;
-  const float v1 = g1 < p.num_groups ? group_score<float>(g1 * gsize, (g1 + 1) * gsize, key_at) : 0.f;
+  const float v0 = g0 < p.num_groups ? group_score<float>(g0 * gsize, (g0 + 1) * gsize, p.group_top, key_at) : 0.f;
+  const float v1 = g1 < p.num_groups ? group_score<float>(g1 * gsize, (g1 + 1) * gsize, p.group_top, key_at) : 0.f;
   uint64_t kept = 0;
   for (int r = 0; r < p.topk_groups; ++r) {
     float bk = NAN;
@@ -69,7 +69,7 @@ __device__ __forceinline__ uint64_t warp_select_groups(const GatingParams& p, co
 }
 
 // Group-limited routing when group i is register slot i: E = 32 * NPL experts in NPL groups of 32
-// (DeepSeek-V3: 256 in 8). A group's score (routing.h group_score: the sum of its two best keys)
+// (DeepSeek-V3: 256 in 8). A group's score (routing.h group_score: the sum of its two best keys, or the best)
 // comes from three warp reductions over slot i instead of a serial scan of 32 keys, and every lane
 // ends with all NPL group scores, so the kept set (the topk_groups best under ranks_before) needs
 // no further communication. cand: rank_bits(key) + 1 of each expert.
@@ -80,6 +80,10 @@ __device__ __forceinline__ uint64_t warp_select_slot_groups(const GatingParams& 
 #pragma unroll
   for (int i = 0; i < NPL; ++i) {
     const unsigned c1 = warp_umax(cand[i]);
+    if (p.group_top == 1) {  // the best key ranks as itself (uniform branch)
+      gr[i] = c1 - 1u;
+      continue;
+    }
     const unsigned first = warp_umin(cand[i] == c1 ? unsigned(lane) : 32u);
     const unsigned c2 = warp_umax(unsigned(lane) == first ? 0u : cand[i]);
     // rank_value gives back the keys (a zero as +0: sums then differ from the CPU's only in the

@@ -17,9 +17,9 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_gating_cuda(
     const at::Tensor& logits_in, int64_t k, c10::string_view score_func, c10::string_view order,
     bool renormalize, const std::optional<at::Tensor>& expert_bias, int64_t num_groups,
-    int64_t topk_groups, double routed_scaling) {
+    int64_t topk_groups, double routed_scaling, c10::string_view group_score) {
   const GatingParams p = check_topk_gating(logits_in, k, score_func, order, renormalize, expert_bias,
-                                           num_groups, topk_groups, routed_scaling);
+                                           num_groups, topk_groups, routed_scaling, group_score);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
   const int64_t T = p.num_tokens, E = p.num_experts;

@@ -150,7 +150,7 @@ def _acc(dtype):
 
 
 def topk_gating(logits, k, score_func="softmax", order="softmax_topk", renormalize=True, expert_bias=None,
-                num_groups=1, topk_groups=1, routed_scaling=1.0):
+                num_groups=1, topk_groups=1, routed_scaling=1.0, group_score="top2_sum"):
     T, E = logits.shape
     acc = _acc(logits.dtype)
     L = Launch()
@@ -165,7 +165,7 @@ def topk_gating(logits, k, score_func="softmax", order="softmax_topk", renormali
     bias = L.input("bias", expert_bias.to(acc).contiguous()) if expert_bias is not None else None
     dt = DTYPE_CODE[logits.dtype]
     common = (_i(T), E, k, SCORE[score_func], ORDER[order], int(renormalize), num_groups, topk_groups,
-              ctypes.c_double(routed_scaling))
+              ctypes.c_double(routed_scaling), 1 if group_score == "max" else 2)
     ws = L.workspace(lib().emu_topk_gating_workspace_bytes(*common, int(bias is not None), dt))
     L.call(lib().emu_topk_gating, *common, dt, _p(lg), _p(bias), _p(weights), _p(ids), _p(lse), _p(tpe), _p(ss),
            ctypes.c_void_p(ws))

@@ -9,7 +9,7 @@ using namespace moe_ext::cuda;
 
 namespace {
 GatingParams gating_params(int64_t T, int E, int k, int score, int order, int renormalize, int groups,
-                           int topk_groups, double scaling, int has_bias) {
+                           int topk_groups, double scaling, int has_bias, int group_top = 2) {
   GatingParams p{};
   p.num_tokens = T;
   p.num_experts = E;
@@ -19,6 +19,7 @@ GatingParams gating_params(int64_t T, int E, int k, int score, int order, int re
   p.renormalize = renormalize != 0;
   p.num_groups = groups;
   p.topk_groups = topk_groups;
+  p.group_top = group_top;
   p.routed_scaling = scaling;
   p.has_bias = has_bias != 0;
   return p;
@@ -28,16 +29,17 @@ GatingParams gating_params(int64_t T, int E, int k, int score, int order, int re
 extern "C" {
 
 size_t emu_topk_gating_workspace_bytes(int64_t T, int E, int k, int score, int order, int renormalize, int groups,
-                                        int topk_groups, double scaling, int has_bias, int dtype) {
+                                        int topk_groups, double scaling, int group_top, int has_bias, int dtype) {
   return topk_gating_workspace_bytes(
-      gating_params(T, E, k, score, order, renormalize, groups, topk_groups, scaling, has_bias), DType(dtype));
+      gating_params(T, E, k, score, order, renormalize, groups, topk_groups, scaling, has_bias, group_top),
+      DType(dtype));
 }
 
 int emu_topk_gating(int64_t T, int E, int k, int score, int order, int renormalize, int groups, int topk_groups,
-                     double scaling, int dtype, const void* logits, const void* bias, void* weights, int* ids,
-                     void* lse, int* tokens_per_expert, void* score_sum, void* workspace) {
+                     double scaling, int group_top, int dtype, const void* logits, const void* bias, void* weights,
+                     int* ids, void* lse, int* tokens_per_expert, void* score_sum, void* workspace) {
   const GatingParams p =
-      gating_params(T, E, k, score, order, renormalize, groups, topk_groups, scaling, bias != nullptr);
+      gating_params(T, E, k, score, order, renormalize, groups, topk_groups, scaling, bias != nullptr, group_top);
   return launch_topk_gating(p, DType(dtype), logits, bias, weights, ids, lse, tokens_per_expert, score_sum,
                             workspace, nullptr);
 }
