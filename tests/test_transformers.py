@@ -34,6 +34,18 @@ def _configs():
                                                   n_group=4, topk_group=2, first_k_dense_replace=1,
                                                   kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
                                                   v_head_dim=8, qk_nope_head_dim=8, routed_scaling_factor=2.5),
+        "deepseek_v2": lambda: C.DeepseekV2Config(**{**common, "num_key_value_heads": 4}, intermediate_size=48,
+                                                  moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2,
+                                                  num_experts_per_tok=3, n_group=4, topk_group=2,
+                                                  topk_method="group_limited_greedy", first_k_dense_replace=1,
+                                                  kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=8,
+                                                  qk_nope_head_dim=8, routed_scaling_factor=16.0),
+        "deepseek_v2_greedy": lambda: C.DeepseekV2Config(**{**common, "num_key_value_heads": 4},
+                                                         intermediate_size=48, moe_intermediate_size=16,
+                                                         n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2,
+                                                         topk_method="greedy", first_k_dense_replace=0,
+                                                         kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                                         v_head_dim=8, qk_nope_head_dim=8),
         # layout flags: is_concatenated=False, is_transposed=True, has_bias=True, custom _apply_gate
         "gpt_oss": lambda: C.GptOssConfig(**{**common, "num_key_value_heads": 2}, intermediate_size=24,
                                           num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=8,
@@ -42,7 +54,8 @@ def _configs():
 
 
 CONFIGS = _configs()
-REPLACEABLE = ["mixtral", "qwen2_moe", "qwen2_moe_norm", "qwen3_moe", "olmoe", "deepseek_v3"]
+REPLACEABLE = ["mixtral", "qwen2_moe", "qwen2_moe_norm", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v2_greedy",
+               "deepseek_v3"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -186,7 +199,7 @@ def test_replace_moe_blocks_matches_eager(family):
     before = {n: p for n, p in ours.named_parameters()}
     keys = set(ours.state_dict())
     replaced = mt.replace_moe_blocks(ours)
-    expected = ours.config.num_hidden_layers - (1 if family == "deepseek_v3" else 0)
+    expected = ours.config.num_hidden_layers - getattr(ours.config, "first_k_dense_replace", 0)
     assert len(replaced) == expected and all(isinstance(ours.get_submodule(n), mt.MoEBlock) for n in replaced)
     after = dict(ours.named_parameters())
     assert set(after) == set(before) and all(after[n] is before[n] for n in before)  # shared, not copied

@@ -116,13 +116,17 @@ def unregister(name: str = NAME) -> None:
 #   "sigmoid_group": fp32 logits, sigmoid, + e_score_correction_bias for selection, group-limited
 #              (sum of top-2 per group), weights = unbiased scores (/ (sum + 1e-20) iff norm_topk_prob)
 #              x routed_scaling_factor (DeepseekV3TopkRouter)
+#   "softmax_group": fp32 logits, softmax, top-k ("greedy") or top-k among the topk_group groups whose best
+#              score is highest ("group_limited_greedy"), weights = the scores x routed_scaling_factor, never
+#              renormalised (DeepseekV2TopkRouter)
 # Block kinds: "plain" (Qwen3/OLMoE), "mixtral" (in-place jitter before the gate), "qwen2" (sigmoid-gated
-# shared expert), "deepseek" (ungated shared_experts added).
+# shared expert), "deepseek" (ungated shared_experts added: DeepSeek-V2 and V3).
 SUPPORTED_BLOCKS = {
     "MixtralSparseMoeBlock": ("mixtral", "mixtral"),
     "Qwen2MoeSparseMoeBlock": ("qwen", "qwen2"),
     "Qwen3MoeSparseMoeBlock": ("qwen", "plain"),
     "OlmoeSparseMoeBlock": ("qwen", "plain"),
+    "DeepseekV2Moe": ("softmax_group", "deepseek"),
     "DeepseekV3MoE": ("sigmoid_group", "deepseek"),
 }
 
@@ -185,6 +189,17 @@ class _MoeExtRouterMixin:
             g = MF.topk_gating(logits, k, score_func="sigmoid", renormalize=renorm, expert_bias=bias,
                                num_groups=n_group, topk_groups=topk_group, routed_scaling=scale)
             return logits, g.weights, g.expert_ids
+        if kind == "softmax_group":
+            logits = F.linear(x.float(), self.weight.float())
+            method = getattr(self, "topk_method", "greedy")
+            if method not in ("greedy", "group_limited_greedy"):
+                raise ValueError(f"moe_ext.integrations.transformers: DeepSeek-V2 topk_method {method!r} is not "
+                                 f"supported ('greedy' or 'group_limited_greedy')")
+            n_group = (getattr(self, "num_group", None) or 1) if method == "group_limited_greedy" else 1
+            g = MF.topk_gating(logits, k, renormalize=False, num_groups=n_group,
+                               topk_groups=self.topk_group if n_group > 1 else 1,
+                               routed_scaling=float(getattr(self, "routed_scaling_factor", 1.0)), group_score="max")
+            return logits, g.weights, g.expert_ids
         logits = F.linear(x, self.weight)
         renorm = True if kind == "mixtral" else bool(getattr(self, "norm_topk_prob", False))
         g = MF.topk_gating(logits.float(), k, renormalize=renorm)
@@ -225,6 +240,9 @@ class MoEBlock(nn.Module):
                draw as transformers), softmax in fp32, top-k, always renormalised, fp32 weights.
       Qwen2/Qwen3/OLMoE: softmax in fp32, renormalised iff norm_topk_prob, weights in the logits'
                dtype; Qwen2 adds sigmoid(shared_expert_gate(x)) * shared_expert(x).
+      DeepSeek-V2: fp32 logits, softmax, top-k overall ("greedy") or among the topk_group groups with the
+               best top score ("group_limited_greedy"), weights = scores x routed_scaling_factor (not
+               renormalised); + shared_experts(x).
       DeepSeek-V3: fp32 logits, sigmoid, selection by score + e_score_correction_bias among the
                topk_group best groups (sum of top-2), masking as the installed router does (-inf here:
                the op's exclusion; a 0.0 fill is computed in PyTorch), weights = unbiased scores
