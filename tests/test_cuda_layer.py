@@ -87,6 +87,37 @@ def test_fused_moe_gradcheck_cuda():
     assert torch.autograd.gradcheck(lambda *a: moe_ext.fused_moe(*a, 2), (x, w1, w2, lg))
 
 
+def _vllm_halves(x, lg, w1, w2, bias, emap):
+    """grouped_topk, then fused_experts on this "rank's" experts (expert_map), output and gradients."""
+    leaves = [x.requires_grad_(), lg.requires_grad_(), w1.requires_grad_(), w2.requires_grad_()]
+    w, ids = moe_ext.grouped_topk(x, lg, 3, True, 4, 2, "sigmoid", 2.5, bias)
+    y = moe_ext.fused_experts(x, w1, w2, w, ids, global_num_experts=lg.shape[1], expert_map=emap)
+    return y, torch.autograd.grad(y.sum(), leaves)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_vllm_halves_match_cpu_without_sync(with_bias):
+    """grouped_topk (DeepSeek-V2's group max without a bias, V3's top-2 sum with one) and fused_experts with
+    an expert_map on CUDA: the CPU's output and gradients in float64, and no host synchronisation."""
+    gen = _gen("vllm", with_bias)
+    x, lg, w1, w2 = _inputs(29, 24, 16, 8, True, torch.float64, gen)
+    bias = torch.randn(8, generator=gen, dtype=torch.float64) * 0.1 if with_bias else None
+    emap = torch.tensor([-1, -1, 0, 1, 2, -1, 3, 4], dtype=torch.int32)  # this rank holds experts 2-4, 6, 7
+    local = [2, 3, 4, 6, 7]
+    yc, gc = _vllm_halves(x.clone(), lg.clone(), w1[local].clone(), w2[local].clone(), bias, emap)
+    dev = [t.to(DEV) for t in (x, lg, w1[local], w2[local])]
+    yg, gg = _vllm_halves(*dev, None if bias is None else bias.to(DEV), emap.to(DEV))
+    torch.testing.assert_close(yg.cpu(), yc)
+    for a, b in zip(gg, gc):
+        torch.testing.assert_close(a.cpu(), b)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _vllm_halves(*(t.detach() for t in dev), None if bias is None else bias.to(DEV), emap.to(DEV))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 # ------------------------------------------------------------------------------------------- MoELayer
 LAYERS = {  # (d_model, d_ff, E, k, kwargs): every routing feature of MoELayer
     "losses": (72, 40, 7, 3, dict(aux_loss_coef=0.01, z_loss_coef=1e-3)),
@@ -96,6 +127,8 @@ LAYERS = {  # (d_model, d_ff, E, k, kwargs): every routing feature of MoELayer
     "expert_choice": (72, 40, 7, 2, dict(routing="expert_choice", capacity_factor=1.0, z_loss_coef=1e-3)),
     "deepseek": (64, 32, 8, 3, dict(score_func="sigmoid", n_group=4, topk_group=2, expert_bias=True,
                                     routed_scaling_factor=2.5, num_shared_experts=1)),
+    "deepseek_v2": (64, 32, 8, 3, dict(n_group=4, topk_group=2, group_score="max", renormalize=False,
+                                       routed_scaling_factor=16.0, num_shared_experts=2, aux_loss_coef=3e-3)),
     "shared_gate": (72, 40, 7, 2, dict(num_shared_experts=2, shared_expert_gate=True)),
     "bias_gelu": (72, 40, 7, 3, dict(activation="gelu_no_mul", bias=True)),
     "probs_drop": (72, 40, 7, 2, dict(capacity_factor=0.8, drop_policy="probs", aux_loss_coef=0.01)),
@@ -145,7 +178,7 @@ def test_layer_float64_matches_cpu(name, padded):
 # --------------------------------------------------------------------- no sync, graphs, torch.compile
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("name", ["losses", "capacity_drop", "capacity_reroute", "expert_choice", "deepseek",
-                                  "probs_drop", "sequence_loss", "recompute"])
+                                  "deepseek_v2", "probs_drop", "sequence_loss", "recompute"])
 def test_layer_forward_backward_never_synchronise(name, padded):
     """No host synchronisation anywhere in a training step of the layer: sizes stay on the device (with
     padding too: the count of real tokens stays a device tensor)."""
