@@ -19,14 +19,16 @@ from .timing import NO_RANGES, Ranges
 # --- plain PyTorch versions of the single ops -------------------------------------------------
 
 def torch_gating(logits: Tensor, k: int, score_func: str = "softmax", num_groups: int = 1, topk_groups: int = 1,
-                 routed_scaling: float = 1.0, expert_bias: Optional[Tensor] = None, renormalize: bool = True):
+                 routed_scaling: float = 1.0, expert_bias: Optional[Tensor] = None, renormalize: bool = True,
+                 group_score: str = "top2_sum"):
     """(weights fp32 [T, k], ids [T, k]) the way HF/vLLM write it in eager PyTorch."""
     lg = logits.float()
     scores = torch.sigmoid(lg) if score_func == "sigmoid" else torch.softmax(lg, dim=-1)
     key = scores if expert_bias is None else scores + expert_bias.float()
     if num_groups > 1:
         T, E = key.shape
-        grp = key.view(T, num_groups, -1).topk(2, dim=-1).values.sum(-1)
+        grouped = key.view(T, num_groups, -1)
+        grp = grouped.max(-1).values if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros_like(grp).scatter_(1, grp.topk(topk_groups, dim=-1).indices, 1.0)
         mask = keep.unsqueeze(-1).expand(T, num_groups, E // num_groups).reshape(T, E)
         key = key.masked_fill(mask == 0, float("-inf"))
@@ -138,11 +140,12 @@ def moe_ext_layer(x, router_w, w1, w2, k, activation="silu", b1=None, b2=None, g
                   recompute=False):
     """The public path: router GEMM, then moe_ext.fused_moe."""
     g = dict(gating or {})
-    return MF.fused_moe(x, w1, w2, F.linear(x, router_w), k, True, activation=activation,
+    return MF.fused_moe(x, w1, w2, F.linear(x, router_w), k, activation=activation,
                         score_func=g.get("score_func", "softmax"), expert_bias=expert_bias,
                         num_expert_group=g.get("num_groups", 1), topk_group=g.get("topk_groups", 1),
                         routed_scaling_factor=g.get("routed_scaling", 1.0), w1_bias=b1, w2_bias=b2,
-                        recompute=recompute)
+                        recompute=recompute, renormalize=g.get("renormalize", True),
+                        group_score=g.get("group_score", "top2_sum"))
 
 
 def hf_mixtral_block(H: int, F_: int, E: int, k: int, router_w, w1, w2, implementation: str):

@@ -15,6 +15,9 @@ L2_BYTES = 50 * 2**20  # H100/H200 L2: inputs are rotated past twice this on CUD
 MODELS = {
     "mixtral": dict(H=4096, F=14336, E=8, k=2, act="silu", bias=False, gating={}),
     "qwen3": dict(H=2048, F=768, E=128, k=8, act="silu", bias=False, gating={}),
+    # DeepSeek-V2: groups of 20 experts (the staged group stage), a group scored by its best expert.
+    "dsv2": dict(H=5120, F=1536, E=160, k=6, act="silu", bias=False,
+                 gating=dict(num_groups=8, topk_groups=3, routed_scaling=16.0, renormalize=False, group_score="max")),
     "dsv3": dict(H=7168, F=2048, E=256, k=8, act="silu", bias=False,
                  gating=dict(score_func="sigmoid", num_groups=8, topk_groups=4, routed_scaling=2.5)),
     # The seed chapter's layer: 8 experts, top-2, Linear-GELU-Linear with bias.
@@ -24,9 +27,9 @@ MODELS = {
     "tiny_ds": dict(H=64, F=32, E=16, k=4, act="silu", bias=False,
                     gating=dict(score_func="sigmoid", num_groups=4, topk_groups=2, routed_scaling=2.5)),
 }
-FULL_NAMES = {"mixtral": "Mixtral-8x7B", "qwen3": "Qwen3-30B-A3B", "dsv3": "DeepSeek-V3",
+FULL_NAMES = {"mixtral": "Mixtral-8x7B", "qwen3": "Qwen3-30B-A3B", "dsv2": "DeepSeek-V2", "dsv3": "DeepSeek-V3",
               "seed": "seed 8x top-2", "tiny": "tiny", "tiny_ds": "tiny (DSv3 gating)"}
-CPU_SCALE = {"mixtral": 8, "qwen3": 8, "dsv3": 16}  # the CPU divides H and F of the real models by this
+CPU_SCALE = {"mixtral": 8, "qwen3": 8, "dsv2": 16, "dsv3": 16}  # the CPU divides H and F of the real models by this
 SUITES = ("gating", "permute", "unpermute", "activation", "grouped_gemm", "layer")
 
 
@@ -79,7 +82,7 @@ def plan(device: str, mode: str, suites) -> list:
         train = 32 if cpu else 4096  # forward+backward tokens
         want = {
             "gating": [("mixtral", small, "uniform"), ("mixtral", large, "uniform"), ("dsv3", small, "uniform"),
-                       ("dsv3", large, "zipf")],
+                       ("dsv3", large, "zipf"), ("dsv2", small, "uniform")],
             "permute": [("qwen3", small, "uniform"), ("qwen3", large, "uniform"), ("dsv3", large, "zipf")],
             "unpermute": [("qwen3", small, "uniform"), ("qwen3", large, "uniform"), ("dsv3", large, "zipf")],
             "activation": [("qwen3", large, "uniform"), ("mixtral", large, "uniform"),
@@ -94,7 +97,7 @@ def plan(device: str, mode: str, suites) -> list:
         return [_case(s, w[0], w[1], device, *w[2:]) for s in suites for w in want.get(s, [])]
     tokens = [1, 16, 128, 1024] if cpu else [1, 4, 16, 64, 256, 1024, 4096, 16384]
     for s in suites:
-        models = ["mixtral", "qwen3", "dsv3"] + (["seed"] if s == "layer" else [])
+        models = ["mixtral", "qwen3", "dsv3"] + (["seed"] if s == "layer" else []) + (["dsv2"] if s == "gating" else [])
         passes = {"grouped_gemm": ["w1", "w2"], "layer": ["fwd", "fwd+bwd"],
                   "activation": ["fwd", "fwd+bwd"]}.get(s, ["fwd"])
         for m in models:

@@ -316,7 +316,9 @@ def ref_layer(x, rw, w1, w2, b1, b2, k, act, gating, expert_bias, logits_routed,
     logits = F.linear(x, rw)
     score = torch.sigmoid(logits) if g.get("score_func") == "sigmoid" else torch.softmax(logits, -1)
     w = score.gather(1, ids)
-    w = w / (w.sum(-1, keepdim=True) + 1e-20) * g.get("routed_scaling", 1.0)
+    if g.get("renormalize", True):
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * g.get("routed_scaling", 1.0)
     out = torch.zeros_like(x)
     for e in ids.unique().tolist():
         tok, j = (ids == e).nonzero(as_tuple=True)
