@@ -170,3 +170,24 @@ def test_offloaded_layer_matches_reference_layer(c, cache_experts):
     assert math.isclose(float(off.last_stats["drop_fraction"]), stats_ref["drop_fraction"], abs_tol=1e-12)
     torch.testing.assert_close(off.aux_loss, aux_ref.to(off.aux_loss.dtype), atol=1e-10, rtol=1e-9)
     assert off.num_resident() <= cache_experts
+
+
+@given(layer_configs())
+@settings(max_examples=int(os.environ.get("MOE_EXT_FUZZ_COMPILE_EXAMPLES", "10")), deadline=None, database=None,
+          derandomize="MOE_EXT_FUZZ_COMPILE_EXAMPLES" not in os.environ,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_layer_compiles_fullgraph(c):
+    """torch.compile(fullgraph=True) traces every option combination (fake kernels, no graph break, no
+    data-dependent branch) and gives the eager output, aux loss and input gradient (aot_eager: dynamo and
+    AOTAutograd, no inductor codegen)."""
+    layer, x, mask = _build(c)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x, token_mask=mask)
+    aux = layer.aux_loss
+    (gx,) = torch.autograd.grad((y.sum() + aux), x)
+    y_ref = layer(x, token_mask=mask)
+    (gx_ref,) = torch.autograd.grad((y_ref.sum() + layer.aux_loss), x)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(aux, layer.aux_loss, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-12, rtol=1e-10)
