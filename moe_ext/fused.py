@@ -124,7 +124,16 @@ def _experts(hidden_states, x, w1, w2, weights, ids, E, activation, b1, b2, expe
     """fused_experts on checked arguments (x: hidden_states as [T, H])."""
     if expert_map is not None:  # global ids -> this rank's local ids, -1 (no compute) for the others
         m = expert_map.to(ids.device)
-        ids = torch.where(ids >= 0, m[ids.long().clamp_min(0)], -1).to(torch.int32)
+        n = m.shape[0]
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling() and ids.numel():
+            bad = (ids < -1) | (ids >= n)  # free to check on the CPU; permute checks local ids the same way
+            if bad.any():
+                i = int(bad.reshape(-1).nonzero()[0])
+                raise ValueError(f"moe_ext.{where}: topk_ids holds {int(ids.reshape(-1)[i])} at flat index {i}, "
+                                 f"expected -1 or a global expert id in [0, {n})")
+        # Clamped gather: an out-of-range id never indexes out of bounds on a device (no sync to check it).
+        valid = (ids >= 0) & (ids < n)
+        ids = torch.where(valid, m[ids.long().clamp(0, max(n - 1, 0))], -1).to(torch.int32)
     if weight_on_input:
         if ids.shape[1] != 1:
             raise ValueError(f"moe_ext.{where}: apply_router_weight_on_input needs topk = 1, got {ids.shape[1]}")

@@ -118,6 +118,23 @@ def test_vllm_halves_match_cpu_without_sync(with_bias):
         torch.cuda.set_sync_debug_mode(0)
 
 
+def test_fused_experts_out_of_range_global_ids_are_dropped_on_cuda():
+    """The CPU refuses a global id outside the expert_map; CUDA, which cannot check without a sync, drops
+    it (a clamped gather: no out-of-bounds index, no device assert), as the CPU does -1."""
+    gen = _gen("oob")
+    x, lg, w1, w2 = _inputs(9, 16, 8, 6, True, torch.float64, gen)
+    w, ids = moe_ext.topk_gating(lg, 2)[:2]
+    emap = torch.tensor([0, -1, 1, 2, -1, 3], dtype=torch.int32)
+    local = [0, 2, 3, 5]
+    bad, clean = ids.clone(), ids.clone()
+    bad[1, 0], bad[4, 1] = 6, 1000
+    clean[1, 0], clean[4, 1] = -1, -1
+    want = moe_ext.fused_experts(x, w1[local], w2[local], w, clean, expert_map=emap)
+    got = moe_ext.fused_experts(x.to(DEV), w1[local].to(DEV), w2[local].to(DEV), w.to(DEV), bad.to(DEV),
+                                expert_map=emap.to(DEV))
+    torch.testing.assert_close(got.cpu(), want)
+
+
 # ------------------------------------------------------------------------------------------- MoELayer
 LAYERS = {  # (d_model, d_ff, E, k, kwargs): every routing feature of MoELayer
     "losses": (72, 40, 7, 3, dict(aux_loss_coef=0.01, z_loss_coef=1e-3)),

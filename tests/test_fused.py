@@ -143,6 +143,12 @@ def test_errors_name_the_function_and_argument():
         moe_ext.fused_experts(x, w1, w2, w, ids.float())
     with pytest.raises(ValueError, match=r"moe_ext.fused_experts: global_num_experts = 9, but there are 8 experts"):
         moe_ext.fused_experts(x, w1, w2, w, ids, global_num_experts=9)
+    emap = torch.arange(E, dtype=torch.int32)
+    bad = ids.clone()
+    bad[3, 1] = E
+    with pytest.raises(ValueError, match=r"moe_ext.fused_experts: topk_ids holds 8 at flat index 7, expected -1 or a "
+                                         r"global expert id in \[0, 8\)"):
+        moe_ext.fused_experts(x, w1, w2, w, bad, expert_map=emap)
     with pytest.raises(ValueError, match=r"moe_ext.fused_topk: gating_output must have one row per token \(11\)"):
         moe_ext.fused_topk(x, torch.randn(T + 1, E), 2, True)
     with pytest.raises(ValueError, match="moe_ext.grouped_topk: hidden_states must be a floating-point tensor"):
