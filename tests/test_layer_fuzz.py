@@ -4,9 +4,9 @@ The per-feature tests fix all options but one; these draw them together (hypothe
 sees the same examples every run): token or expert choice, softmax or sigmoid scores, renormalisation,
 group-limited selection, the selection bias, routed scaling, capacity with drop (position or probs) or
 reroute, every activation with and without biases, shared experts with and without their gate, the
-batch, sequence and global balance losses and the z-loss, padding masks, recompute, batched and
-non-contiguous inputs, and empty batches. In float64 the layer must give the reference's output, aux
-loss, statistics and gradients.
+batch, sequence and global balance losses and the z-loss (added to the loss or attached to the output),
+padding masks, recompute, batched and non-contiguous inputs, and empty batches. In float64 the layer
+must give the reference's output, aux loss, statistics and gradients.
 """
 import math
 import os
@@ -55,6 +55,7 @@ def layer_configs(draw):
     if shared:
         kw.update(num_shared_experts=shared, shared_expert_gate=draw(st.booleans()))
     kw["recompute"] = draw(st.booleans())
+    kw["attach_aux_loss"] = draw(st.booleans())  # the aux gradient rides on y; .aux_loss is then detached
     B, S = draw(st.integers(1, 3)), draw(st.integers(0, 7))
     return dict(E=E, k=k, H=draw(st.integers(1, 12)), F=draw(st.integers(1, 8)), B=B, S=S,
                 batched=draw(st.booleans()), masked=draw(st.booleans()), noncontig=draw(st.booleans()),
@@ -110,6 +111,8 @@ def test_layer_matches_reference_layer(c):
 
     dy = torch.randn_like(y)
     names, params = zip(*[("x", x)] + list(layer.named_parameters()))
+    if layer.attach_aux_loss:
+        assert not layer.aux_loss.requires_grad  # its gradient comes through y's backward instead
     _assert_grads_close(names, _grads((y * dy).sum() + layer.aux_loss, params),
                         _grads((y_ref * dy).sum() + aux_ref, params))
 
