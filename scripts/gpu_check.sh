@@ -134,7 +134,7 @@ if $WANT_CUTLASS and not info['cutlass']:
 # Four pytest workers share the GPU when pytest-xdist is there (the device image has it): the CPU-side
 # references are most of the tests' time. With workers, pytest-timeout may end a hung test by ending
 # its worker, which xdist reports as that test's failure and replaces, so one hang costs one test.
-# Run 2 took 94 s for 1040 tests; 1451 now, among them random-argument tests (test_kernel_fuzz.py,
+# Run 2 took 94 s for 1040 tests; 1458 now, among them random-argument tests (test_kernel_fuzz.py,
 # test_op_argument_fuzz.py): about 150 s expected, so up to 200 s.
 XDIST=0; TIMEOUT=()
 if $PY -c "import xdist" 2>/dev/null; then XDIST=1; fi
