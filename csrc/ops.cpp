@@ -16,8 +16,8 @@ TORCH_LIBRARY(moe_ext, m) {
   m.def(
       "topk_gating(Tensor logits, int k, str score_func=\"softmax\", str order=\"softmax_topk\", "
       "bool renormalize=True, Tensor? expert_bias=None, int num_groups=1, int topk_groups=1, "
-      "float routed_scaling=1.0, str group_score=\"top2_sum\") -> (Tensor weights, Tensor expert_ids, Tensor tokens_per_expert, "
-      "Tensor score_sum, Tensor lse)");
+      "float routed_scaling=1.0, str group_score=\"top2_sum\") -> (Tensor weights, Tensor expert_ids, "
+      "Tensor tokens_per_expert, Tensor score_sum, Tensor lse)");
   m.def(
       "topk_gating_backward(Tensor grad_weights, Tensor? grad_score_sum, Tensor? grad_lse, "
       "Tensor logits, Tensor expert_ids, str score_func, str order, bool renormalize, "

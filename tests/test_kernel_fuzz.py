@@ -70,7 +70,8 @@ def test_gating_fuzz(kern, args):
     T, E, k, dtype, kw, values, seed = args
     logits = _logits(T, E, dtype, values, seed)
     if "expert_bias" in kw:
-        kw["expert_bias"] = (torch.randn(E, generator=torch.Generator().manual_seed(seed + 1)) * 0.2).to(kw["expert_bias"])
+        bias = torch.randn(E, generator=torch.Generator().manual_seed(seed + 1)) * 0.2
+        kw["expert_bias"] = bias.to(kw["expert_bias"])
     cpu = ops.topk_gating(logits, k, **kw)
     dev = kern.topk_gating(logits, k, **kw)
     assert ((dev[1] >= 0) & (dev[1] < E)).all()

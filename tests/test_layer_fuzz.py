@@ -21,8 +21,8 @@ from moe_ext.functional import ACTIVATIONS
 
 # MOE_EXT_FUZZ_EXAMPLES=5000 searches further (not derandomized then: a new search each run).
 _EXAMPLES = int(os.environ.get("MOE_EXT_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=_EXAMPLES, derandomize="MOE_EXT_FUZZ_EXAMPLES" not in os.environ, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(max_examples=_EXAMPLES, derandomize="MOE_EXT_FUZZ_EXAMPLES" not in os.environ, deadline=None,
+                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @st.composite

@@ -143,7 +143,8 @@ def _corrupt(op, name, value, how, rnd):
         return value.narrow(rnd.randrange(value.dim()), 0, 0), False
     if how == "values" and name in ID_TENSORS and value.numel():
         v = value.clone()
-        bad = {"expert_offsets": [-1, M + 1, 10**6], "row_map": [-2, 2**31 - 1, 10**6]}.get(name, [-2, E, 2**31 - 1, 10**6])
+        bad = {"expert_offsets": [-1, M + 1, 10**6], "row_map": [-2, 2**31 - 1, 10**6]}.get(
+            name, [-2, E, 2**31 - 1, 10**6])
         v.view(-1)[rnd.randrange(v.numel())] = rnd.choice(bad)
         return v, "cpu"
     return value, False
@@ -181,7 +182,7 @@ def test_corrupted_arguments(device, op, corruptions, rnd):
             strided.add(name)
             continue
         new, bad = _corrupt(op, name, value, how, rnd)
-        if bad == "cpu":  # an id, row or offset out of range: the CPU refuses it, CUDA kernels never read it on the host
+        if bad == "cpu":  # an id, row or offset out of range: the CPU refuses it; CUDA never reads it on the host
             value_corruption = True
             must_raise = must_raise or device == "cpu"
         else:

@@ -33,7 +33,7 @@ struct GatingParams {
   bool renormalize;
   int num_groups;   // 1 = no group-limited routing
   int topk_groups;  // groups kept per token when num_groups > 1
-  int group_top;    // a group's score: the sum of its group_top best keys (2: DeepSeek-V3; 1: the max, DeepSeek-V2)
+  int group_top;    // a group scores the sum of its group_top best keys (2: DeepSeek-V3; 1, the max: V2)
   // Kept in double: fp64 routing must not see it rounded to float. Each use converts it to acc_t,
   // where the checks have made sure it is finite and > 0.
   double routed_scaling;
@@ -259,7 +259,8 @@ MOE_HD T group_score(int first, int last, int top, const KeyAt& key_at) {
 }
 
 // Group-limited routing: a group's score is the sum of its two best selection keys (DeepSeek-V3) or its
-// best key (p.group_top = 1: DeepSeek-V2); the topk_groups best groups stay eligible. Returns a bit mask of the kept groups (num_groups <= 64).
+// best key (p.group_top = 1: DeepSeek-V2); the topk_groups best groups stay eligible. Returns a bit mask
+// of the kept groups (num_groups <= 64).
 template <typename T, typename In>
 MOE_HD uint64_t select_groups(const GatingParams& p, const In* logits, const T* score, const T* bias,
                               T* group_scratch = nullptr) {

@@ -69,10 +69,10 @@ __device__ __forceinline__ uint64_t warp_select_groups(const GatingParams& p, co
 }
 
 // Group-limited routing when group i is register slot i: E = 32 * NPL experts in NPL groups of 32
-// (DeepSeek-V3: 256 in 8). A group's score (routing.h group_score: the sum of its two best keys, or the best)
-// comes from three warp reductions over slot i instead of a serial scan of 32 keys, and every lane
-// ends with all NPL group scores, so the kept set (the topk_groups best under ranks_before) needs
-// no further communication. cand: rank_bits(key) + 1 of each expert.
+// (DeepSeek-V3: 256 in 8). A group's score (routing.h group_score: the sum of its two best keys, or
+// the best) comes from three warp reductions (one for the best) over slot i instead of a serial scan
+// of 32 keys, and every lane ends with all NPL group scores, so the kept set (the topk_groups best
+// under ranks_before) needs no further communication. cand: rank_bits(key) + 1 of each expert.
 template <int NPL>
 __device__ __forceinline__ uint64_t warp_select_slot_groups(const GatingParams& p, const unsigned (&cand)[NPL],
                                                             int lane) {
