@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .functional import _permute_expert_ffn, check_expert_weights, topk_gating, unpermute
+from .routing import check_id_values
 
 __all__ = ["fused_moe", "fused_experts", "fused_topk", "grouped_topk"]
 
@@ -33,14 +34,14 @@ def _rows(t: Tensor, name: str, last: str, where: str) -> Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def _logits(hidden_states: Tensor, gating_output: Tensor, where: str) -> Tensor:
-    """gating_output as [T, E], after checking it has one row per token of hidden_states."""
+def _logits(hidden_states: Tensor, gating_output: Tensor, where: str) -> Tuple[Tensor, Tensor]:
+    """(hidden_states as [T, H], gating_output as [T, E]), after checking one row of logits per token."""
     x = _rows(hidden_states, "hidden_states", "H", where)
     logits = _rows(gating_output, "gating_output", "E", where)
     if logits.shape[0] != x.shape[0]:
         raise ValueError(f"moe_ext.{where}: gating_output must have one row per token ({x.shape[0]}), got "
                          f"{tuple(gating_output.shape)}")
-    return logits
+    return x, logits
 
 
 def fused_topk(hidden_states: Tensor, gating_output: Tensor, topk: int, renormalize: bool,
@@ -52,7 +53,7 @@ def fused_topk(hidden_states: Tensor, gating_output: Tensor, topk: int, renormal
     Each token's topk experts by softmax (or sigmoid) score over gating_output [..., E], best first, ties
     to the lower id; renormalize divides the chosen weights by their sum. Differentiable in gating_output.
     """
-    logits = _logits(hidden_states, gating_output, "fused_topk")
+    _, logits = _logits(hidden_states, gating_output, "fused_topk")
     g = topk_gating(logits, topk, score_func=scoring_func, renormalize=renormalize)
     T = logits.shape[0]
     slots = torch.arange(topk, device=logits.device, dtype=torch.int32).unsqueeze(0) * T + \
@@ -72,7 +73,7 @@ def grouped_topk(hidden_states: Tensor, gating_output: Tensor, topk: int, renorm
     of its two best such keys, and the weights are the unbiased scores; without it (DeepSeek-V2) a group
     scores its best expert. Then renormalize, then x routed_scaling_factor. Differentiable in gating_output.
     """
-    logits = _logits(hidden_states, gating_output, "grouped_topk")
+    _, logits = _logits(hidden_states, gating_output, "grouped_topk")
     groups = num_expert_group or 1
     g = topk_gating(logits, topk, score_func=scoring_func, renormalize=renormalize,
                     expert_bias=e_score_correction_bias, num_groups=groups,
@@ -125,12 +126,7 @@ def _experts(hidden_states, x, w1, w2, weights, ids, E, activation, b1, b2, expe
     if expert_map is not None:  # global ids -> this rank's local ids, -1 (no compute) for the others
         m = expert_map.to(ids.device)
         n = m.shape[0]
-        if ids.device.type == "cpu" and not torch.compiler.is_compiling() and ids.numel():
-            bad = (ids < -1) | (ids >= n)  # free to check on the CPU; permute checks local ids the same way
-            if bad.any():
-                i = int(bad.reshape(-1).nonzero()[0])
-                raise ValueError(f"moe_ext.{where}: topk_ids holds {int(ids.reshape(-1)[i])} at flat index {i}, "
-                                 f"expected -1 or a global expert id in [0, {n})")
+        check_id_values(f"moe_ext.{where}: topk_ids", ids, n, "-1 or a global expert id")
         # Clamped gather: an out-of-range id never indexes out of bounds on a device (no sync to check it).
         valid = (ids >= 0) & (ids < n)
         ids = torch.where(valid, m[ids.long().clamp(0, max(n - 1, 0))], -1).to(torch.int32)
@@ -180,8 +176,7 @@ def fused_moe(hidden_states: Tensor, w1: Tensor, w2: Tensor, gating_output: Tens
     """
     score_func = _alias("score_func", score_func, "softmax", "scoring_func", scoring_func)
     expert_bias = _alias("expert_bias", expert_bias, None, "e_score_correction_bias", e_score_correction_bias)
-    logits = _logits(hidden_states, gating_output, "fused_moe")
-    x = hidden_states.reshape(logits.shape[0], hidden_states.shape[-1])
+    x, logits = _logits(hidden_states, gating_output, "fused_moe")
     E_global = logits.shape[1]
     if global_num_experts not in (-1, None) and global_num_experts != E_global:
         raise ValueError(f"moe_ext.fused_moe: global_num_experts = {global_num_experts} but gating_output has "

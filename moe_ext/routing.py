@@ -35,6 +35,19 @@ def capacity_rank(expert_ids: Tensor, num_experts: int, priority: Optional[Tenso
     return rank.view(k, T).t()
 
 
+def check_id_values(what: str, ids: Tensor, n: int, expected: str) -> None:
+    """Raises ValueError naming `what` when ids (CPU, eager) holds a value outside [-1, n). Free there: no
+    device sync, no graph break; device tensors and traced code are not read (their kernels skip such
+    ids instead)."""
+    if ids.device.type != "cpu" or torch.compiler.is_compiling() or not ids.numel():
+        return
+    bad = (ids < -1) | (ids >= n)
+    if bad.any():
+        i = int(bad.reshape(-1).nonzero()[0])
+        raise ValueError(f"{what} holds {int(ids.reshape(-1)[i])} at flat index {i}, "
+                         f"expected {expected} in [0, {n})")
+
+
 def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacity: int, overflow: str = "drop",
                    score_func: str = "softmax", expert_bias: Optional[Tensor] = None,
                    drop_policy: str = "position", weights: Optional[Tensor] = None) -> Tensor:
@@ -72,12 +85,8 @@ def apply_capacity(expert_ids: Tensor, logits: Tensor, num_experts: int, capacit
         if expert_ids.dim() != 2 or expert_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"moe_ext.apply_capacity: expert_ids must be [T, k] int32 or int64, got "
                              f"{tuple(expert_ids.shape)} {expert_ids.dtype}")
-        if expert_ids.device.type == "cpu" and not torch.compiler.is_compiling() and expert_ids.numel():
-            bad = (expert_ids < -1) | (expert_ids >= num_experts)
-            if bad.any():
-                i = int(bad.reshape(-1).nonzero()[0])
-                raise ValueError(f"moe_ext.apply_capacity: expert_ids holds {int(expert_ids.reshape(-1)[i])} at "
-                                 f"flat index {i}, expected -1 (dropped) or a value in [0, {num_experts})")
+        check_id_values("moe_ext.apply_capacity: expert_ids", expert_ids, num_experts,
+                        "-1 (dropped) or a value")
         keep = capacity_rank(expert_ids, num_experts, weights if drop_policy == "probs" else None) < capacity
         return torch.where(keep & (expert_ids >= 0), expert_ids, torch.full_like(expert_ids, -1))
     if overflow != "reroute":
