@@ -120,11 +120,39 @@ def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-# name -> (activation, gated). Gated ones take [gate; up] (2F columns) and return act(gate) * up.
+def _glu(act):
+    """act(gate) * up over h = [gate | up] (last dim 2F -> F)."""
+    def glu(h: Tensor) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return glu
+
+
+SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT = 1.702, 7.0
+
+
+def _clamp_inside(x: Tensor, lo: Optional[float], hi: float) -> Tensor:
+    """x.clamp(lo, hi) whose gradient is 1 strictly inside (lo, hi) and 0 elsewhere, at the bounds and at NaN
+    too: torch's clamp since 2.14 (torch <= 2.13 passed the gradient at the bounds)."""
+    inside = (x < hi) if lo is None else (x > lo) & (x < hi)
+    return torch.where(inside, x, x.detach().clamp(lo, hi))
+
+
+def _swigluoai(h: Tensor) -> Tensor:
+    """GPT-OSS's gated activation (transformers' GptOssExperts._apply_gate, vLLM's "swigluoai"): gate and up
+    interleaved in h (columns 2j and 2j + 1), the gate clamped above, up clamped both ways."""
+    gate = _clamp_inside(h[..., ::2], None, SWIGLUOAI_LIMIT)
+    up = _clamp_inside(h[..., 1::2], -SWIGLUOAI_LIMIT, SWIGLUOAI_LIMIT)
+    return (up + 1) * (gate * torch.sigmoid(gate * SWIGLUOAI_ALPHA))
+
+
+# name -> (torch composition, gated): what apply_activation computes, in torch ops. Gated ones map h [..., 2F]
+# (gate and up: [gate | up], interleaved for "swigluoai") to [..., F] and run as moe_ext.gated_activation.
 ACTIVATIONS = {
-    "silu": (F.silu, True),
-    "gelu": (F.gelu, True),
-    "gelu_tanh": (_gelu_tanh, True),
+    "silu": (_glu(F.silu), True),
+    "gelu": (_glu(F.gelu), True),
+    "gelu_tanh": (_glu(_gelu_tanh), True),
+    "swigluoai": (_swigluoai, True),
     "silu_no_mul": (F.silu, False),
     "gelu_no_mul": (F.gelu, False),
     "gelu_tanh_no_mul": (_gelu_tanh, False),
@@ -148,7 +176,8 @@ def _gated(h: Tensor, activation: str) -> Tensor:
 
 
 def apply_activation(h: Tensor, activation: str) -> Tensor:
-    """act(h), or act(gate) * up over h = [gate | up] (last dim 2F -> F) for gated activations."""
+    """act(h), or for gated activations act(gate) * up over the last dim of h (2F -> F): h = [gate | up], or
+    gate and up interleaved for "swigluoai" (see ACTIVATIONS)."""
     act, gated = _activation(activation)
     return _gated(h, activation) if gated else act(h)
 
@@ -164,8 +193,9 @@ def check_expert_weights(w1: Tensor, w2: Tensor, activation: str, hidden: int, n
     if num_experts is not None and E != num_experts:
         raise ValueError(f"moe_ext: w1 must hold E = {num_experts} experts (the router's width), got {tuple(w1.shape)}")
     if gated and F2 % 2:
-        raise ValueError(f"moe_ext: activation={activation!r} is gated and needs w1 [E, 2F, H] (gate rows, then up "
-                         f"rows), got w1 {tuple(w1.shape)} whose dim 1 is odd")
+        layout = "gate and up rows interleaved" if activation == "swigluoai" else "gate rows, then up rows"
+        raise ValueError(f"moe_ext: activation={activation!r} is gated and needs w1 [E, 2F, H] ({layout}), "
+                         f"got w1 {tuple(w1.shape)} whose dim 1 is odd")
     ffn = F2 // 2 if gated else F2
     if tuple(w2.shape) != (E, H, ffn):
         raise ValueError(f"moe_ext: w2 must be [E, H, F] = [{E}, {H}, {ffn}] for w1 {tuple(w1.shape)} and "
@@ -177,7 +207,8 @@ def expert_ffn(x_sorted: Tensor, expert_offsets: Tensor, w1: Tensor, w2: Tensor,
                b1: Optional[Tensor] = None, b2: Optional[Tensor] = None) -> Tensor:
     """Every expert's FFN on its rows of x_sorted [R, H]: act(x @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e].
 
-    w1 [E, 2F, H] for gated activations (rows 0..F-1 are the gate, F..2F-1 the up projection) or
+    w1 [E, 2F, H] for gated activations (rows 0..F-1 are the gate, F..2F-1 the up projection; for
+    "swigluoai", GPT-OSS's layout, even rows are the gate and odd rows the up projection) or
     [E, F, H]; w2 [E, H, F]; b1 [E, 2F | F], b2 [E, H]. Rows outside the offsets stay zero.
     """
     h = apply_activation(grouped_gemm(x_sorted, w1, expert_offsets, trans_b=True, bias=b1), activation)

@@ -5,7 +5,8 @@ Parameter layout (the names outside code relies on):
   [E, F, H]; experts.w2 [E, H, F]; experts.b1 [E, 2F | F], experts.b2 [E, H] when bias=True;
   shared_experts.w1 [S, 2F, H] / .w2 [S, H, F] when num_shared_experts = S > 0;
   shared_expert_gate.weight [1, H] when shared_expert_gate=True (Qwen2-MoE);
-  router.expert_bias [E] fp32 buffer when expert_bias=True (DeepSeek-V3; selection only).
+  router.expert_bias [E] fp32 buffer when expert_bias=True (DeepSeek-V3; selection only);
+  router.bias [E] when router_bias=True (GPT-OSS).
 """
 import math
 import numbers
@@ -27,7 +28,9 @@ def _uniform_(t: Tensor, fan_in: int) -> Tensor:
 
 
 class Router(nn.Module):
-    """Linear router without bias: x [..., H] -> logits [..., E] (fp32 under torch.autocast).
+    """Linear router: x [..., H] -> logits [..., E] = x @ weight^T (+ bias) (fp32 under torch.autocast).
+
+    bias=True adds .bias [E], a Parameter initialised to zeros (GPT-OSS's router has one).
 
     expert_bias=True registers .expert_bias [E], a float32 buffer of zeros added to the scores for
     the top-k selection only (DeepSeek-V3's auxiliary-loss-free balancing; update it with
@@ -35,10 +38,12 @@ class Router(nn.Module):
     transformers keeps e_score_correction_bias in fp32, so small updates are not rounded away.
     """
 
-    def __init__(self, d_model: int, num_experts: int, device=None, dtype=None, expert_bias: bool = False):
+    def __init__(self, d_model: int, num_experts: int, device=None, dtype=None, expert_bias: bool = False,
+                 bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=dtype))
         _uniform_(self.weight, d_model)
+        self.bias = nn.Parameter(torch.zeros(num_experts, device=device, dtype=dtype)) if bias else None
         if expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
         else:
@@ -59,8 +64,9 @@ class Router(nn.Module):
             # can round to a tie, which changes the chosen experts, and the z-loss coarsens. The router
             # is only E columns wide, so fp32 costs little.
             with torch.autocast(x.device.type, enabled=False):
-                return nn.functional.linear(x.float(), self.weight.float())
-        return nn.functional.linear(x, self.weight)
+                bias = None if self.bias is None else self.bias.float()
+                return nn.functional.linear(x.float(), self.weight.float(), bias)
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 class Experts(nn.Module):
@@ -164,7 +170,8 @@ class MoELayer(nn.Module):
     moves them to the token's next preferred expert with room.
     routing="expert_choice": each expert takes its ceil(cf * T * top_k / E) best tokens (cf defaults to 1).
     expert_bias=True: router.expert_bias [E] (fp32 zeros) is added to the scores for the selection only
-    (DeepSeek-V3; see moe_ext.routing.update_expert_bias). num_shared_experts=S: S always-on experts
+    (DeepSeek-V3; see moe_ext.routing.update_expert_bias). router_bias=True: the router is Linear(H, E) with a
+    bias, router.bias [E] (GPT-OSS). num_shared_experts=S: S always-on experts
     of width shared_d_ff (default d_ff) added to every token; shared_expert_gate=True scales their sum
     by sigmoid(x @ shared_expert_gate.weight^T) per token (Qwen2-MoE; Linear(H, 1) without bias).
     After each forward: .aux_loss (aux_loss_coef * load-balancing loss + z_loss_coef * z-loss, a
@@ -192,7 +199,7 @@ class MoELayer(nn.Module):
                  num_shared_experts: int = 0, jitter_eps: float = 0.0, aux_loss_coef: float = 0.0,
                  aux_loss_scope: str = "batch", aux_loss_group=None, z_loss_coef: float = 0.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
                  routed_scaling_factor: float = 1.0, group_score: str = "top2_sum", expert_bias: bool = False,
-                 shared_expert_gate: bool = False,
+                 router_bias: bool = False, shared_expert_gate: bool = False,
                  shared_d_ff: Optional[int] = None, attach_aux_loss: bool = False, recompute: bool = False,
                  device=None, dtype=None):
         super().__init__()
@@ -248,7 +255,8 @@ class MoELayer(nn.Module):
         self.routed_scaling_factor = routed_scaling_factor
         self.attach_aux_loss, self.aux_loss_grad_scale = attach_aux_loss, 1.0
         self.recompute = recompute
-        self.router = Router(d_model, num_experts, device=device, dtype=dtype, expert_bias=expert_bias)
+        self.router = Router(d_model, num_experts, device=device, dtype=dtype, expert_bias=expert_bias,
+                             bias=router_bias)
         self.experts = Experts(d_model, d_ff, num_experts, activation, bias, device=device, dtype=dtype)
         self.shared_experts = (SharedExperts(d_model, shared_d_ff or d_ff, num_shared_experts, activation,
                                              device=device, dtype=dtype)

@@ -12,10 +12,13 @@ any other MoELayer keyword (dtype, device, capacity_factor, ...) passes through 
     deepseek_v3(...)     DeepSeek-V3: H 7168, F 2048, 256 routed + 1 shared, top-8 within the 4 best of
                          8 groups, sigmoid scores, renormalised, x2.5, selection bias (expert_bias),
                          sequence-wise balance loss 1e-4.
+    gpt_oss(...)         GPT-OSS 120B (num_experts=32: 20B): H 2880, F 2880, 128 experts, top-4, router
+                         and expert biases, softmax over the 4 chosen logits, GPT-OSS's clamped SwiGLU
+                         ("swigluoai", gate and up rows interleaved as in its checkpoints).
 """
 from .modules import MoELayer
 
-__all__ = ["switch", "mixtral_8x7b", "deepseek_moe", "deepseek_v2", "deepseek_v3"]
+__all__ = ["switch", "mixtral_8x7b", "deepseek_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 
 
 def switch(d_model: int = 768, d_ff: int = 3072, num_experts: int = 128, *, capacity_factor: float = 1.25,
@@ -76,3 +79,15 @@ def deepseek_v3(d_model: int = 7168, d_ff: int = 2048, num_experts: int = 256, t
                     n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
                     expert_bias=True, num_shared_experts=num_shared_experts, aux_loss_coef=aux_loss_coef,
                     aux_loss_scope="sequence", **kw)
+
+
+def gpt_oss(d_model: int = 2880, d_ff: int = 2880, num_experts: int = 128, top_k: int = 4, *,
+            aux_loss_coef: float = 0.0, **kw) -> MoELayer:
+    """GPT-OSS (OpenAI 2025; gpt-oss-120b sizes, num_experts=32 for gpt-oss-20b): a router Linear(H, E) with a
+    bias; the weights are the softmax over the top-4 logits (= the renormalised softmax scores); experts with
+    biases and the clamped SwiGLU "swigluoai": (clamp(up, -7, 7) + 1) * g * sigmoid(1.702 g), g = min(gate, 7),
+    gate and up rows of experts.w1 interleaved like the checkpoints' gate_up_proj (transposed: w1[e] is
+    gate_up_proj[e].T). transformers' GptOssConfig has router_aux_loss_coef 0.001 in its convention (top_k x
+    ours): pass aux_loss_coef=0.001 * top_k for the same gradient."""
+    return MoELayer(d_model, d_ff, num_experts, top_k, activation="swigluoai", bias=True, router_bias=True,
+                    renormalize=True, aux_loss_coef=aux_loss_coef, **kw)

@@ -111,15 +111,9 @@ def grouped_gemm_wgrad(x: Tensor, y: Tensor, expert_offsets: Tensor) -> Tensor:
 
 def expert_forward(x: Tensor, w1: Tensor, w2: Tensor, activation: str = "silu", b1: Optional[Tensor] = None,
                    b2: Optional[Tensor] = None) -> Tensor:
-    """One expert on tokens x [n, H]: w1 [2F | F, H], w2 [H, F]."""
-    act, gated = ACTIVATIONS[activation]
-    h = F.linear(x, w1, b1)
-    if gated:  # written out here rather than shared: the reference must not lean on the code it checks
-        gate, up = h[..., :h.shape[-1] // 2], h[..., h.shape[-1] // 2:]
-        h = act(gate) * up
-    else:
-        h = act(h)
-    return F.linear(h, w2, b2)
+    """One expert on tokens x [n, H]: w1 [2F | F, H] (gated: [gate; up], interleaved for "swigluoai"), w2 [H, F]."""
+    # the activation's torch composition (functional.ACTIVATIONS), not the moe_ext kernel it checks
+    return F.linear(ACTIVATIONS[activation][0](F.linear(x, w1, b1)), w2, b2)
 
 
 def naive_moe(x: Tensor, router_weight: Tensor, w1: Tensor, w2: Tensor, k: int, activation: str = "silu",
@@ -244,7 +238,7 @@ def moe_layer(layer, x: Tensor, token_mask: Optional[Tensor] = None):
     mask = None if token_mask is None else token_mask.reshape(T)
     real = list(range(T)) if mask is None else [t for t in range(T) if bool(mask[t])]
     n = len(real)
-    logits = F.linear(xt, layer.router.weight)
+    logits = F.linear(xt, layer.router.weight, getattr(layer.router, "bias", None))
     lg = logits if logits.dtype == torch.float64 else logits.float()
     scores = torch.sigmoid(lg) if layer.score_func == "sigmoid" else torch.softmax(lg, dim=-1)
     lse = torch.logsumexp(lg, dim=-1)

@@ -6,12 +6,14 @@ d_up = grad * act(gate). The reference is torch's own activation in float64 (and
 gradient). fp32 runs a vectorised polynomial exp and an Abramowitz-Stegun erf (~1e-7), fp64 libm, 16-bit
 inputs are computed in fp32 and rounded once.
 """
+import math
+
 import pytest
 import torch
 
 import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
-from activation_ref import (ACTS, REF_ACT, assert_close_ref, bwd_scale, fwd_scale, half_ulp, make_grad, make_h,
-                            ref_backward, ref_forward)
+from activation_ref import (ACTS, ALL_ACTS, REF_ACT, assert_close_ref, bwd_scale, check_oai_limits, fwd_scale, half_ulp,
+                            make_grad, make_h, make_oai_limits, ref_backward, ref_forward)
 from conftest import FLOAT_DTYPES, TOL, noncontig
 from moe_ext.functional import apply_activation
 
@@ -31,14 +33,14 @@ SHAPES = [(7, 36), (5, 1), (1, 8), (33, 300), (4, 257)]  # F = 300 / 257: more t
 
 # -------------------------------------------------------------------------------------------- forward
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_matches_reference(dtype, act, shape):
     M, F_ = shape
     h = make_h(M, F_, dtype, seed=M * 1000 + F_)
     out = ops.gated_activation(h, act)
     assert out.shape == (M, F_)
-    assert_close_ref(out, ref_forward(h, act), dtype, fwd_scale(h))
+    assert_close_ref(out, ref_forward(h, act), dtype, fwd_scale(h, act))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -49,19 +51,19 @@ def test_default_activation_is_silu(dtype):
     assert torch.equal(ops.gated_activation_backward(grad, h), ops.gated_activation_backward(grad, h, "silu"))
 
 
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 def test_activations_differ(act):
     """Each activation name selects its own function (not silently the default)."""
     h = make_h(16, 64, torch.float64)
     out = ops.gated_activation(h, act)
-    for other in ACTS:
+    for other in ALL_ACTS:
         if other != act:
             assert not torch.allclose(out, ref_forward(h, other), atol=1e-6, rtol=0), other
 
 
 # ------------------------------------------------------------------------------------------- backward
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_backward_matches_reference(dtype, act, shape):
     M, F_ = shape
@@ -69,7 +71,7 @@ def test_backward_matches_reference(dtype, act, shape):
     grad = make_grad(M, F_, dtype, seed=M + F_)
     grad_h = ops.gated_activation_backward(grad, h, act)
     assert grad_h.shape == (M, 2 * F_)
-    assert_close_ref(grad_h, ref_backward(grad, h, act), dtype, bwd_scale(grad, h))
+    assert_close_ref(grad_h, ref_backward(grad, h, act), dtype, bwd_scale(grad, h, act))
 
 
 # ----------------------------------------------------------------------- 16-bit: fp32 maths, one rounding
@@ -98,7 +100,7 @@ def test_16bit_rounded_once(dtype, act):
 
 # ------------------------------------------------------------------------------ layouts and empty sizes
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 def test_noncontiguous_inputs(dtype, act):
     M, F_ = 9, 36
     h = make_h(M, F_, dtype, seed=2)
@@ -125,7 +127,7 @@ def test_noncontiguous_inputs(dtype, act):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 def test_empty(dtype, act):
     out = ops.gated_activation(torch.empty(0, 72, dtype=dtype), act)
     assert out.shape == (0, 36) and out.dtype == dtype
@@ -205,12 +207,64 @@ def test_large_values_exact_points():
                                atol=1e-30, rtol=1e-7)
 
 
+# ------------------------------------------------------------------------------- swigluoai (GPT-OSS)
+def _gpt_oss_apply_gate(gate_up, alpha=1.702, limit=7.0):
+    """transformers' GptOssExperts._apply_gate, as written there."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    glu = gate * torch.sigmoid(gate * alpha)
+    return (up + 1) * glu
+
+
+def test_swigluoai_is_gpt_oss():
+    """The op is GPT-OSS's activation, forward and (away from the clamp limits, where torch versions differ)
+    backward: h of scale 5 puts many inputs beyond the limits."""
+    h = make_h(40, 50, torch.float64, seed=11, scale=5.0)
+    assert (h.abs() > 7).any() and not ((h.abs() - 7).abs() < 1e-6).any()
+    grad = make_grad(40, 50, torch.float64, seed=12)
+    hr = h.clone().requires_grad_()
+    ref = _gpt_oss_apply_gate(hr)
+    (ref_grad,) = torch.autograd.grad(ref, hr, grad)
+    torch.testing.assert_close(ops.gated_activation(h, "swigluoai"), ref.detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(ops.gated_activation_backward(grad, h, "swigluoai"), ref_grad, atol=1e-12, rtol=1e-10)
+    y = apply_activation(hr, "swigluoai")
+    (g2,) = torch.autograd.grad(y, hr, grad)
+    torch.testing.assert_close(g2, ref_grad, atol=1e-12, rtol=1e-10)
+
+
+def test_swigluoai_hand_values():
+    """[g0, u0, g1, u1] = [1, 2, 8, -9]: out0 = 1 * sigmoid(1.702) * 3, out1 = 7 * sigmoid(7 * 1.702) * -6."""
+    h = torch.tensor([[1.0, 2.0, 8.0, -9.0]], dtype=torch.float64)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expect = torch.tensor([[3 * sig(1.702), -42 * sig(7 * 1.702)]], dtype=torch.float64)
+    torch.testing.assert_close(ops.gated_activation(h, "swigluoai"), expect, atol=1e-14, rtol=1e-13)
+    # the gradient: gate 8 and up -9 are clamped (none), gate 1 and up 2 are not
+    gh = ops.gated_activation_backward(torch.ones(1, 2, dtype=torch.float64), h, "swigluoai")
+    s = sig(1.702)
+    expect_g = torch.tensor([[3 * s * (1 + 1.702 * (1 - s)), s, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(gh, expect_g, atol=1e-14, rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_swigluoai_limits_and_nan(dtype):
+    """At and beyond the limits and at NaN: the clamped values forward, no gradient through a clamped input, one
+    exactly at a limit (torch 2.14's clamp) or a NaN one; a NaN anywhere makes its output NaN."""
+    h, grad = make_oai_limits(dtype)
+    out = ops.gated_activation(h, "swigluoai")
+    gh = ops.gated_activation_backward(grad, h, "swigluoai")
+    assert_close_ref(out, ref_forward(h, "swigluoai"), dtype, fwd_scale(h, "swigluoai"), equal_nan=True)
+    assert_close_ref(gh, ref_backward(grad, h, "swigluoai"), dtype, bwd_scale(grad, h, "swigluoai"), equal_nan=True)
+    check_oai_limits(h, out, gh)
+
+
 # --------------------------------------------------------------------------------------------- errors
 ERRORS = [
     ("gated_activation", lambda: (torch.randn(3, 8), "relu"),
-     r'^moe_ext\.gated_activation: activation must be "silu", "gelu" or "gelu_tanh", got "relu"'),
+     r'^moe_ext\.gated_activation: activation must be "silu", "gelu", "gelu_tanh" or "swigluoai", got "relu"'),
     ("gated_activation_backward", lambda: (torch.randn(3, 4), torch.randn(3, 8), "relu"),
-     r'^moe_ext\.gated_activation_backward: activation must be "silu", "gelu" or "gelu_tanh", got "relu"'),
+     r'^moe_ext\.gated_activation_backward: activation must be "silu", "gelu", "gelu_tanh" or "swigluoai", '
+     r'got "relu"'),
     ("gated_activation", lambda: (torch.randn(2, 3, 8),),
      r"^moe_ext\.gated_activation: h must be 2-D \[M, 2F\] \(gate columns, then up columns\), got a 3-D tensor "
      r"of shape \[2, 3, 8\]"),
@@ -218,6 +272,9 @@ ERRORS = [
      r"^moe_ext\.gated_activation: h must be 2-D \[M, 2F\] .*got a 1-D tensor of shape \[8\]"),
     ("gated_activation", lambda: (torch.randn(3, 5),),
      r"^moe_ext\.gated_activation: h must be \[M, 2F\] \(gate columns, then up columns\), got shape \[3, 5\] "
+     r"whose last dim is odd"),
+    ("gated_activation", lambda: (torch.randn(3, 5), "swigluoai"),
+     r"^moe_ext\.gated_activation: h must be \[M, 2F\] \(gate and up columns interleaved\), got shape \[3, 5\] "
      r"whose last dim is odd"),
     ("gated_activation", lambda: (torch.ones(3, 8, dtype=torch.long),),
      r"^moe_ext\.gated_activation: h must be float32, float16, bfloat16 or float64, got Long"),
@@ -253,7 +310,7 @@ def test_apply_activation_rejects_odd_last_dim():
 
 
 # ---------------------------------------------------------------------------- autograd: apply_activation
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 def test_apply_activation_gradcheck(act):
     h = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)  # leading dims are flattened
     assert torch.autograd.gradcheck(lambda x: apply_activation(x, act), (h,))
@@ -262,7 +319,7 @@ def test_apply_activation_gradcheck(act):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 def test_apply_activation_uses_the_ops(dtype, act):
     """apply_activation on [..., 2F] is the op on the flattened rows, forward and backward."""
     h = make_h(12, 36, dtype, seed=9).reshape(3, 4, 72)
@@ -275,7 +332,7 @@ def test_apply_activation_uses_the_ops(dtype, act):
     assert hr.grad.shape == h.shape and hr.grad.dtype == dtype
     assert torch.equal(hr.grad.reshape(12, 72), ops.gated_activation_backward(grad, h.reshape(12, 72), act))
     assert_close_ref(hr.grad.reshape(12, 72), ref_backward(grad, h.reshape(12, 72), act), dtype,
-                     bwd_scale(grad, h.reshape(12, 72)))
+                     bwd_scale(grad, h.reshape(12, 72), act))
 
 
 def test_apply_activation_noncontiguous_input():

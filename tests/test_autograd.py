@@ -36,6 +36,7 @@ def grad_samples():
     yield "grouped_gemm", (xs, _rg(torch.randn(E, 40, H, dtype=torch.float64)), off, True,
                            _rg(torch.randn(E, 40, dtype=torch.float64))), {}
     yield "gated_activation", (_rg(torch.randn(T, 2 * 36, dtype=torch.float64)), "silu"), {}
+    yield "gated_activation", (_rg(torch.randn(T, 2 * 10, dtype=torch.float64) * 3), "swigluoai"), {}
 
 
 SAMPLES = list(grad_samples())

@@ -2,7 +2,8 @@
 kernels and a float64 reference.
 
 h = [gate | up] is [M, 2F]; forward act(gate) * up -> [M, F]; backward d_gate = grad * up * act'(gate),
-d_up = grad * act(gate), for "silu", "gelu" (erf) and "gelu_tanh". The device computes 16-bit inputs in fp32
+d_up = grad * act(gate), for "silu", "gelu" (erf) and "gelu_tanh"; "swigluoai" (GPT-OSS) interleaves gate and
+up and clamps them (tests/activation_ref.py). The device computes 16-bit inputs in fp32
 with expf / erff and rounds once, fp64 in fp64. Covers every dtype and activation, F odd (no vectorised
 loads) and a multiple of 8, misaligned and non-contiguous inputs, more than 65535 rows (grid striding),
 empty inputs, NaN and extreme values, determinism, no host sync, CUDA-graph capture, autograd,
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
-from activation_ref import (ACTS, assert_close_ref, assert_matches_cpu, bwd_scale, fwd_scale, make_grad, make_h,
-                            ref_backward, ref_forward)
+from activation_ref import (ACTS, ALL_ACTS, assert_close_ref, assert_matches_cpu, bwd_scale, check_oai_limits,
+                            fwd_scale, make_grad, make_h, make_oai_limits, ref_backward, ref_forward)
 from conftest import TOL, gpu_only, has_fake_kernel, noncontig
 from moe_ext.functional import apply_activation
 
@@ -39,7 +40,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_cpu_and_reference(kern, dtype, act, shape):
     M, F_ = shape
@@ -49,13 +50,28 @@ def test_matches_cpu_and_reference(kern, dtype, act, shape):
     for misaligned in (False, True):  # one element off 16 bytes: no vectorised accesses
         out = kern.gated_activation(h, act, misaligned=misaligned)
         assert out.shape == (M, F_)
-        assert_close_ref(out, ref_forward(h, act), dtype, fwd_scale(h))
-        assert_matches_cpu(out, ops.gated_activation(h, act), dtype, ref_forward(h, act), fwd_scale(h))
+        assert_close_ref(out, ref_forward(h, act), dtype, fwd_scale(h, act))
+        assert_matches_cpu(out, ops.gated_activation(h, act), dtype, ref_forward(h, act), fwd_scale(h, act))
     grad_h = kern.gated_activation_backward(grad, h, act)
     assert grad_h.shape == (M, 2 * F_)
-    assert_close_ref(grad_h, ref_backward(grad, h, act), dtype, bwd_scale(grad, h))
+    assert_close_ref(grad_h, ref_backward(grad, h, act), dtype, bwd_scale(grad, h, act))
     assert_matches_cpu(grad_h, ops.gated_activation_backward(grad, h, act), dtype, ref_backward(grad, h, act),
-                       bwd_scale(grad, h))
+                       bwd_scale(grad, h, act))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swigluoai_limits_and_nan(kern, dtype):
+    """GPT-OSS's clamps on the device: values and gradients at, beyond and inside the limits, and NaN."""
+    h, grad = make_oai_limits(dtype)
+    out = kern.gated_activation(h, "swigluoai")
+    grad_h = kern.gated_activation_backward(grad, h, "swigluoai")
+    ref, ref_b = ref_forward(h, "swigluoai"), ref_backward(grad, h, "swigluoai")
+    assert_close_ref(out, ref, dtype, fwd_scale(h, "swigluoai"), equal_nan=True)
+    assert_close_ref(grad_h, ref_b, dtype, bwd_scale(grad, h, "swigluoai"), equal_nan=True)
+    check_oai_limits(h, out, grad_h)
+    assert_matches_cpu(out, ops.gated_activation(h, "swigluoai"), dtype, ref, fwd_scale(h, "swigluoai"))
+    assert_matches_cpu(grad_h, ops.gated_activation_backward(grad, h, "swigluoai"), dtype, ref_b,
+                       bwd_scale(grad, h, "swigluoai"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -87,7 +103,7 @@ def test_default_activation_is_silu(dtype):
 # ------------------------------------------------------------------------------ layouts and empty sizes
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 @pytest.mark.parametrize("F_", [36, 37, 64])
 def test_noncontiguous_and_misaligned(dtype, act, F_):
     M = 19
@@ -119,7 +135,7 @@ def test_noncontiguous_and_misaligned(dtype, act, F_):
 @gpu_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_empty(dtype):
-    for act in ACTS:
+    for act in ALL_ACTS:
         out = ops.gated_activation(torch.empty(0, 72, dtype=dtype, device=DEV), act)
         assert out.shape == (0, 36) and out.dtype == dtype and out.is_cuda
         gh = ops.gated_activation_backward(torch.empty(0, 36, dtype=dtype, device=DEV),
@@ -192,8 +208,8 @@ def test_large_values(kern, dtype, act):
 @gpu_only
 def test_errors():
     h = torch.randn(3, 8, device=DEV)
-    with pytest.raises(RuntimeError, match=r'^moe_ext\.gated_activation: activation must be "silu", "gelu" or '
-                                           r'"gelu_tanh", got "relu"'):
+    with pytest.raises(RuntimeError, match=r'^moe_ext\.gated_activation: activation must be "silu", "gelu", '
+                                           r'"gelu_tanh" or "swigluoai", got "relu"'):
         ops.gated_activation(h, "relu")
     with pytest.raises(RuntimeError, match=r"^moe_ext\.gated_activation: h must be \[M, 2F\] .*whose last dim is odd"):
         ops.gated_activation(torch.randn(3, 5, device=DEV))
@@ -216,7 +232,7 @@ def test_errors():
 def test_deterministic():
     h = make_h(5000, 1000, torch.bfloat16, seed=9).to(DEV)
     grad = make_grad(5000, 1000, torch.bfloat16, seed=10).to(DEV)
-    for act in ACTS:
+    for act in ALL_ACTS:
         assert torch.equal(ops.gated_activation(h, act), ops.gated_activation(h, act))
         assert torch.equal(ops.gated_activation_backward(grad, h, act), ops.gated_activation_backward(grad, h, act))
     h32 = make_h(70000, 8, torch.float32, seed=11).to(DEV)
@@ -232,7 +248,7 @@ def test_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for act in ACTS:
+        for act in ALL_ACTS:
             ops.gated_activation(h, act)
             ops.gated_activation_backward(grad, h, act)
         ops.gated_activation(h64, "gelu")
@@ -278,7 +294,7 @@ def test_cuda_graph_capture_replay(dtype):
 
 # --------------------------------------------------------------------------- autograd, compile, opcheck
 @gpu_only
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", ALL_ACTS)
 def test_apply_activation_gradcheck(act):
     h = torch.randn(2, 3, 10, dtype=torch.float64, device=DEV, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: apply_activation(x, act), (h,))
@@ -323,6 +339,9 @@ def test_opcheck():
         (ops.gated_activation.default, (torch.randn(T, 74, device=DEV, dtype=torch.bfloat16), "gelu_tanh"), {}),
         (ops.gated_activation_backward.default,
          (torch.randn(T, 36, device=DEV), torch.randn(T, 72, device=DEV), "gelu"), {}),
+        (ops.gated_activation.default, (torch.randn(T, 74, device=DEV, dtype=torch.float16) * 8, "swigluoai"), {}),
+        (ops.gated_activation_backward.default,
+         (torch.randn(T, 36, device=DEV), torch.randn(T, 72, device=DEV) * 8, "swigluoai"), {}),
     ]
     for op, args, kwargs in cases:
         utils = ["test_schema"]

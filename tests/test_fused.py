@@ -99,6 +99,32 @@ def test_fused_experts_matches_reference_and_gradcheck(activation):
                      (x, w1, w2, w))
 
 
+def test_fused_moe_gpt_oss_swigluoai():
+    """vLLM's GPT-OSS call: fused_moe(activation="swigluoai", w1 rows gate/up interleaved, expert biases,
+    renormalize=True), against vLLM's semantics written out: the k best logits, softmax over them,
+    gate = min(g, 7), up = clamp(u, -7, 7), (up + 1) * gate * sigmoid(1.702 gate)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(T, H, dtype=torch.float64, generator=g)
+    w1, w2 = _weights()
+    b1 = torch.randn(E, 2 * F, dtype=torch.float64, generator=g) * 6  # past the limits
+    b2 = torch.randn(E, H, dtype=torch.float64, generator=g)
+    logits = torch.randn(T, E, dtype=torch.float64, generator=g)
+    y = moe_ext.fused_moe(x, w1, w2, logits, 3, True, activation="swigluoai", w1_bias=b1, w2_bias=b2)
+    want = torch.zeros(T, H, dtype=torch.float64)
+    top, ids = logits.topk(3, -1)
+    w = torch.softmax(top, -1)
+    for t in range(T):
+        for j in range(3):
+            e = int(ids[t, j])
+            h = x[t] @ w1[e].t() + b1[e]
+            gate, up = h[::2].clamp(max=7.0), h[1::2].clamp(-7.0, 7.0)
+            want[t] += w[t, j] * (((up + 1) * gate * torch.sigmoid(1.702 * gate)) @ w2[e].t() + b2[e])
+    torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-10)
+    args = [t.clone().requires_grad_() for t in (x[:4], w1, w2, b1, b2)]
+    assert gradcheck(lambda a, p, q, c, d: moe_ext.fused_moe(a, p, q, logits[:4], 3, True, activation="swigluoai",
+                                                             w1_bias=c, w2_bias=d), args)
+
+
 def test_fused_experts_dropped_slots_and_expert_map():
     x = torch.randn(T, H, dtype=torch.float64)
     w1, w2 = _weights()

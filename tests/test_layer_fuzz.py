@@ -30,7 +30,7 @@ def layer_configs(draw):
     E = draw(st.integers(1, 9))
     routing = draw(st.sampled_from(["token_choice", "token_choice", "expert_choice"]))
     kw = dict(routing=routing, activation=draw(st.sampled_from(sorted(ACTIVATIONS))), bias=draw(st.booleans()),
-              score_func=draw(st.sampled_from(["softmax", "sigmoid"])))
+              score_func=draw(st.sampled_from(["softmax", "sigmoid"])), router_bias=draw(st.booleans()))
     groups = [g for g in range(2, E + 1) if E % g == 0]
     if routing == "token_choice" and groups and draw(st.booleans()):
         g = draw(st.sampled_from(groups))
@@ -67,6 +67,11 @@ def _build(c):
     layer = moe_ext.MoELayer(c["H"], c["F"], c["E"], c["k"], dtype=torch.float64, **c["kw"])
     if layer.router.expert_bias is not None:
         layer.router.expert_bias.uniform_(-0.3, 0.3)
+    with torch.no_grad():
+        if layer.router.bias is not None:
+            layer.router.bias.uniform_(-0.5, 0.5)
+        if layer.experts.b1 is not None and layer.experts.activation == "swigluoai":
+            layer.experts.b1.mul_(20)  # GPT-OSS's clamps at +-7 then cut some of the gradients
     if layer.shared_experts is None and "num_shared_experts" in c["kw"]:
         raise AssertionError("shared experts were not built")
     B, S, H = c["B"], c["S"], c["H"]

@@ -48,6 +48,8 @@ def samples():
     yield "gated_activation", (torch.randn(T, 2 * 36), "silu"), {}
     yield "gated_activation", (torch.randn(T, 2 * 36).bfloat16(), "gelu_tanh"), {}
     yield "gated_activation_backward", (torch.randn(T, 36), torch.randn(T, 72), "gelu"), {}
+    yield "gated_activation", (torch.randn(T, 2 * 36).half() * 8, "swigluoai"), {}
+    yield "gated_activation_backward", (torch.randn(T, 36), torch.randn(T, 72) * 8, "swigluoai"), {}
     # column-major inputs of every op
     yield "topk_gating", (_t(logits), k), {}
     yield "topk_gating_backward", (_t(torch.randn(T, k)), None, None, _t(logits), _t(ids), "softmax",
@@ -60,6 +62,7 @@ def samples():
     yield "capacity_reroute", (_t(ids), _t(logits), 2), {}
     yield "gated_activation", (_t(torch.randn(T, 2 * 36)), "gelu"), {}
     yield "gated_activation_backward", (_t(torch.randn(T, 36)), _t(torch.randn(T, 72)), "silu"), {}
+    yield "gated_activation", (_t(torch.randn(T, 2 * 36)), "swigluoai"), {}
 
 
 @pytest.mark.parametrize("name,args,kwargs", list(samples()))

@@ -116,13 +116,14 @@ def test_offload_keeps_shared_expert_gate_and_bias():
         torch.testing.assert_close(off(x), layer(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["switch", "mixtral_8x7b", "deepseek_moe", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["switch", "mixtral_8x7b", "deepseek_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"])
 def test_presets_tiny(name):
     small = dict(switch=dict(d_model=16, d_ff=24, num_experts=4),
                  mixtral_8x7b=dict(d_model=16, d_ff=24),
                  deepseek_moe=dict(d_model=16, d_ff=8, num_experts=16),
                  deepseek_v2=dict(d_model=16, d_ff=8, num_experts=16),
-                 deepseek_v3=dict(d_model=16, d_ff=8, num_experts=16))[name]
+                 deepseek_v3=dict(d_model=16, d_ff=8, num_experts=16),
+                 gpt_oss=dict(d_model=16, d_ff=8, num_experts=8))[name]
     layer = getattr(moe_ext.presets, name)(**small)
     x = torch.randn(2, 10, 16)
     y = layer(x)
@@ -144,6 +145,9 @@ def test_presets_tiny(name):
         assert layer.group_score == "max" and layer.n_group == 8 and layer.topk_group == 3 and not layer.renormalize
         r = layer.route(x.reshape(-1, 16).detach())
         assert ((r.expert_ids.long() // 2).sort(-1).values.diff(dim=-1) != 0).sum(-1).le(2).all()  # <= 3 groups
+    if name == "gpt_oss":
+        assert layer.top_k == 4 and layer.experts.activation == "swigluoai" and layer.experts.b1.shape == (8, 16)
+        assert layer.router.bias.shape == (8,) and layer.router.bias.grad is not None
 
 
 def test_preset_default_sizes():
@@ -154,6 +158,8 @@ def test_preset_default_sizes():
     assert v2.experts.w1.shape == (160, 2 * 1536, 5120) and v2.shared_experts.w1.shape == (2, 2 * 1536, 5120)
     d = moe_ext.presets.deepseek_v3(device="meta")
     assert d.experts.w1.shape == (256, 4096, 7168) and d.shared_experts.w1.shape == (1, 4096, 7168)
+    o = moe_ext.presets.gpt_oss(device="meta")
+    assert o.experts.w1.shape == (128, 2 * 2880, 2880) and o.experts.b2.shape == (128, 2880) and o.top_k == 4
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])

@@ -55,7 +55,7 @@ def _configs():
 
 CONFIGS = _configs()
 REPLACEABLE = ["mixtral", "qwen2_moe", "qwen2_moe_norm", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v2_greedy",
-               "deepseek_v3"]
+               "deepseek_v3", "gpt_oss"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,7 +70,8 @@ def _randomize(model, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 1:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.5 if "gate.weight" in name else 0.1))
+                router = "gate.weight" in name or "router.weight" in name
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.5 if router else 0.1))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.1)
@@ -208,9 +209,10 @@ def test_replace_moe_blocks_matches_eager(family):
     _compare(_run(ours, ids), _run(ref, ids), REPLACE_TOL)
 
 
-def test_replace_moe_blocks_float32_and_router_logits():
-    ref = _build("qwen2_moe", "eager", torch.float32)
-    ours = _build("qwen2_moe", "eager", torch.float32, ref.state_dict())
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_replace_moe_blocks_float32_and_router_logits(family):
+    ref = _build(family, "eager", torch.float32)
+    ours = _build(family, "eager", torch.float32, ref.state_dict())
     mt.replace_moe_blocks(ours)
     ids = _ids()
     _compare(_run(ours, ids), _run(ref, ids), dict(atol=2e-5, rtol=2e-5))
@@ -315,12 +317,110 @@ def test_fused_silu_and_mul_only_for_default_silu_gate():
     oss = _build("gpt_oss", "moe_ext", torch.float64)
     assert mt._silu_and_mul_applies(mix.model.layers[0].mlp.experts)
     assert not mt._silu_and_mul_applies(oss.model.layers[0].mlp.experts)  # its own clamped, interleaved gate
+    assert mt._fused_gate(mix.model.layers[0].mlp.experts) == "silu"
+    assert mt._fused_gate(oss.model.layers[0].mlp.experts) == "swigluoai"
     h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
     for act, fn in (("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu),
                     ("gelu_tanh", lambda v: torch.nn.functional.gelu(v, approximate="tanh"))):
         torch.autograd.gradcheck(lambda x: moe_ext.functional.apply_activation(x, act), (h,))
         gate, up = h.chunk(2, -1)
         torch.testing.assert_close(moe_ext.functional.apply_activation(h, act), fn(gate) * up, atol=1e-14, rtol=1e-12)
+
+
+def _clamping_gpt_oss(impl):
+    """A float64 GPT-OSS whose expert biases push about half of the gate / up pre-activations past the clamp
+    limit (+-7), so both clamps and their zero gradients are exercised."""
+    model = _build("gpt_oss", impl, torch.float64)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            b = layer.mlp.experts.gate_up_proj_bias
+            b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 8)
+    return model
+
+
+def test_gpt_oss_fused_gate_and_clamps_match_eager():
+    """GPT-OSS's experts run moe_ext's "swigluoai" kernel (not their _apply_gate), and equal eager in float64
+    with many inputs beyond the clamp limits; with another limit the module's own _apply_gate runs."""
+    ref = _clamping_gpt_oss("eager")
+    ours = _build("gpt_oss", "moe_ext", torch.float64, ref.state_dict())
+    experts = ours.model.layers[0].mlp.experts
+    assert mt._fused_gate(experts) == "swigluoai"
+    calls = []
+    experts._apply_gate = lambda h: calls.append(1) or type(experts)._apply_gate(experts, h)
+    assert mt._fused_gate(experts) is None  # an instance override runs as written
+    del experts._apply_gate
+    ids = _ids()
+    _compare(_run(ours, ids), _run(ref, ids), dict(atol=1e-12, rtol=1e-10))
+    replaced = _build("gpt_oss", "eager", torch.float64, ref.state_dict())
+    mt.replace_moe_blocks(replaced)
+    _compare(_run(replaced, ids), _run(ref, ids), REPLACE_TOL)
+    for m in (ref, ours):
+        for layer in m.model.layers:
+            layer.mlp.experts.limit = 5.0
+    assert mt._fused_gate(ours.model.layers[0].mlp.experts) is None
+    _compare(_run(ours, ids), _run(ref, ids), dict(atol=1e-12, rtol=1e-10))
+
+
+def test_gpt_oss_replaced_block_returns_what_transformers_returns():
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    cfg = CONFIGS["gpt_oss"]()
+    torch.manual_seed(0)
+    block = GptOssMLP(cfg).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    wrapper = torch.nn.Module()
+    wrapper.mlp = orig = copy.deepcopy(block)
+    assert mt.replace_moe_blocks(wrapper) == ["mlp"]
+    router = wrapper.mlp.router  # the block's attribute name, so the same state_dict keys
+    assert isinstance(router, type(block.router)) and type(router) is not type(block.router)
+    assert router.weight is orig.router.weight and router.bias is orig.router.bias
+    assert set(wrapper.mlp.state_dict()) == set(block.state_dict())
+    x = torch.randn(2, 9, cfg.hidden_size, dtype=torch.float64)
+    y_ref, scores_ref = block(x)
+    y, scores = wrapper.mlp(x)
+    torch.testing.assert_close(y, y_ref, **REPLACE_TOL)
+    torch.testing.assert_close(scores, scores_ref, **REPLACE_TOL)
+
+
+def test_gpt_oss_preset_is_the_transformers_block():
+    """moe_ext.presets.gpt_oss with GptOssMLP's weights (w1 = gate_up_proj^T, interleaved rows; the router's
+    bias) computes the block's output and gradients."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    cfg = CONFIGS["gpt_oss"]()
+    torch.manual_seed(0)
+    block = GptOssMLP(cfg).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+        block.experts.gate_up_proj_bias.mul_(16)  # past the clamp limits
+    H, E, k = cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    layer = moe_ext.presets.gpt_oss(d_model=H, d_ff=cfg.intermediate_size, num_experts=E, top_k=k,
+                                    dtype=torch.float64)
+    ex, r = block.experts, block.router
+    with torch.no_grad():
+        layer.router.weight.copy_(r.weight)
+        layer.router.bias.copy_(r.bias)
+        layer.experts.w1.copy_(ex.gate_up_proj.transpose(1, 2))
+        layer.experts.b1.copy_(ex.gate_up_proj_bias)
+        layer.experts.w2.copy_(ex.down_proj.transpose(1, 2))
+        layer.experts.b2.copy_(ex.down_proj_bias)
+    x = torch.randn(2, 9, H, dtype=torch.float64)
+    gy = torch.randn(2, 9, H, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, _ = block(x1)
+    y = layer(x2)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
+    y_ref.backward(gy)
+    y.backward(gy)
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-12, rtol=1e-10)
+    pairs = [(layer.router.weight, r.weight), (layer.router.bias, r.bias),
+             (layer.experts.w1, ex.gate_up_proj, True), (layer.experts.b1, ex.gate_up_proj_bias),
+             (layer.experts.w2, ex.down_proj, True), (layer.experts.b2, ex.down_proj_bias)]
+    for ours, theirs, *t in pairs:
+        want = theirs.grad.transpose(1, 2) if t else theirs.grad
+        torch.testing.assert_close(ours.grad, want, atol=1e-12, rtol=1e-10)
 
 
 def test_update_expert_bias_on_replaced_deepseek_block():

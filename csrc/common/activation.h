@@ -1,9 +1,14 @@
 // Gated activations of the expert FFN, act(gate) * up, and their derivatives: the per-element maths
 // of the CPU (cpu/activation.cpp) and CUDA (cuda/activation.cu) kernels of gated_activation.
 //
-// h = [gate | up] holds 2F columns per row (transformers' gate_up_proj, vLLM's w1); the output has F.
+// h holds 2F columns per row (transformers' gate_up_proj, vLLM's w1); the output has F.
 //   forward:  out = act(g) * u
 //   backward: d_g = grad * u * act'(g),   d_u = grad * act(g)
+// Gate and up are the two halves of a row, [gate | up], except for kSwigluOai (GPT-OSS's activation, vLLM's
+// "swigluoai"), whose checkpoints interleave them (gate j at column 2j, up j at 2j + 1) and which clamps both:
+//   out = gc * sigmoid(alpha gc) * (uc + 1),   gc = min(g, limit),  uc = clamp(u, -limit, limit)
+// with GPT-OSS's alpha = 1.702 and limit = 7.0. Its backward is torch's (2.14): no gradient reaches a
+// clamped input, one at a limit or a NaN one, so d_g = 0 where g >= limit and d_u = 0 where |u| >= limit.
 // 16-bit inputs are computed in fp32 and rounded once, fp32 in fp32, fp64 in fp64.
 #pragma once
 
@@ -17,7 +22,12 @@
 
 namespace moe_ext {
 
-enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kSwigluOai = 3 };
+
+// Where gate j and up j of a row of h live: gate at j * stride, up at up_offset + j * stride.
+MOE_HD constexpr bool interleaved(Activation a) { return a == Activation::kSwigluOai; }
+MOE_HD constexpr int64_t gate_up_stride(Activation a) { return interleaved(a) ? 2 : 1; }
+MOE_HD constexpr int64_t up_offset(Activation a, int64_t F) { return interleaved(a) ? 1 : F; }
 
 // exp for the activation kernels. On the host it is branch-free (selects, integer ops, one
 // polynomial) so that the CPU row loops vectorise; a few ulp off std::exp, which an activation does
@@ -75,7 +85,21 @@ struct ActConst {
   static constexpr T kInvSqrt2Pi = T(0.39894228040143267794);  // 1 / sqrt(2 pi)
   static constexpr T kSqrt2OverPi = T(0.79788456080286535588);
   static constexpr T kTanhCubic = T(0.044715);
+  static constexpr T kOaiAlpha = T(1.702);  // GPT-OSS (transformers' GptOssExperts.alpha / .limit)
+  static constexpr T kOaiLimit = T(7.0);
 };
+
+// GPT-OSS: with gc = min(g, limit) and uc = clamp(u, -limit, limit), value = gc * sigmoid(alpha gc), dvalue = its
+// derivative in gc, and up = uc + 1. NaN passes both clamps (torch's clamp keeps it).
+template <typename T>
+MOE_HD void oai_parts(T g, T u, T& value, T& dvalue, T& up) {
+  using C = ActConst<T>;
+  const T gc = g > C::kOaiLimit ? C::kOaiLimit : g;
+  const T s = T(1) / (T(1) + act_exp(-C::kOaiAlpha * gc));
+  value = gc * s;
+  dvalue = s * (T(1) + C::kOaiAlpha * gc * (T(1) - s));
+  up = (u > C::kOaiLimit ? C::kOaiLimit : (u < -C::kOaiLimit ? -C::kOaiLimit : u)) + T(1);
+}
 
 // act(x).
 template <Activation A, typename T>
@@ -115,15 +139,31 @@ MOE_HD void act_value_and_grad(T x, T& value, T& grad) {
 // One output element of the forward, and one (gate, up) gradient pair of the backward.
 template <Activation A, typename T>
 MOE_HD T gated_forward(T g, T u) {
-  return act_value<A>(g) * u;
+  if constexpr (A == Activation::kSwigluOai) {
+    T value, dvalue, up;
+    oai_parts(g, u, value, dvalue, up);
+    return value * up;
+  } else {
+    return act_value<A>(g) * u;
+  }
 }
 
 template <Activation A, typename T>
 MOE_HD void gated_backward(T grad, T g, T u, T& d_g, T& d_u) {
-  T value, dact;
-  act_value_and_grad<A>(g, value, dact);
-  d_g = grad * u * dact;
-  d_u = grad * value;
+  if constexpr (A == Activation::kSwigluOai) {
+    using C = ActConst<T>;
+    T value, dvalue, up;
+    oai_parts(g, u, value, dvalue, up);
+    // torch's clamp passes the gradient only strictly inside its bounds (NaN is not): since torch 2.14 the
+    // minimum-norm subgradient, 0 at a bound itself (pytorch#191142; torch <= 2.13 passed it there)
+    d_g = g < C::kOaiLimit ? grad * up * dvalue : T(0);
+    d_u = u > -C::kOaiLimit && u < C::kOaiLimit ? grad * value : T(0);
+  } else {
+    T value, dact;
+    act_value_and_grad<A>(g, value, dact);
+    d_g = grad * u * dact;
+    d_u = grad * value;
+  }
 }
 
 // Calls f(std::integral_constant<Activation, A>{}) for the runtime activation `a` (host code).
@@ -132,6 +172,7 @@ inline decltype(auto) dispatch_activation(Activation a, F&& f) {
   switch (a) {
     case Activation::kGelu: return f(std::integral_constant<Activation, Activation::kGelu>{});
     case Activation::kGeluTanh: return f(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kSwigluOai: return f(std::integral_constant<Activation, Activation::kSwigluOai>{});
     default: return f(std::integral_constant<Activation, Activation::kSilu>{});
   }
 }

@@ -342,14 +342,18 @@ Activation check_gated_activation(const char* op, const at::Tensor& h, c10::stri
     a = Activation::kGelu;
   } else if (activation == "gelu_tanh") {
     a = Activation::kGeluTanh;
+  } else if (activation == "swigluoai") {
+    a = Activation::kSwigluOai;
   } else {
-    TORCH_CHECK(false, "moe_ext.", op, ": activation must be \"silu\", \"gelu\" or \"gelu_tanh\", got \"",
-                std::string(activation.data(), activation.size()), "\"");
+    TORCH_CHECK(false, "moe_ext.", op, ": activation must be \"silu\", \"gelu\", \"gelu_tanh\" or \"swigluoai\", ",
+                "got \"", std::string(activation.data(), activation.size()), "\"");
   }
-  check_dim(op, "h", h, 2, "[M, 2F] (gate columns, then up columns)");
+  const char* layout =
+      interleaved(a) ? "[M, 2F] (gate and up columns interleaved)" : "[M, 2F] (gate columns, then up columns)";
+  check_dim(op, "h", h, 2, layout);
   check_float_dtype(op, "h", h);
-  TORCH_CHECK(h.size(1) % 2 == 0, "moe_ext.", op, ": h must be [M, 2F] (gate columns, then up columns), got shape ",
-              shape_str(h.sizes()), " whose last dim is odd");
+  TORCH_CHECK(h.size(1) % 2 == 0, "moe_ext.", op, ": h must be ", layout, ", got shape ", shape_str(h.sizes()),
+              " whose last dim is odd");
   if (grad != nullptr) {
     check_dim(op, "grad", *grad, 2, "[M, F]");
     check_size(op, "grad", *grad, 0, h.size(0), "h.size(0) (M)");

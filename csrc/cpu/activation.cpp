@@ -1,10 +1,12 @@
-// CPU kernels of gated_activation and its backward: one pass over h = [gate | up] per row.
+// CPU kernels of gated_activation and its backward: one pass over each row of h ([gate | up], or gate
+// and up interleaved for swigluoai).
 //
 // Replaces act(gate), the product and the saved act of a torch composition (three passes over
 // [M, F] and an extra [M, F] tensor in forward; three more and a temporary in backward) with one read
 // of h (and grad) and one write. fp32 rows run the branch-free maths of common/activation.h in loops
 // the compiler vectorises; 16-bit rows convert in chunks of kChunk and reuse the fp32 loop; fp64 rows
-// run the same maths in double with the libm functions (what gradcheck needs).
+// run the same maths in double with the libm functions (what gradcheck needs). Interleaved fp32 rows
+// are split into chunks like 16-bit ones, so the vectorised loops only ever see unit strides.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,15 +31,16 @@ namespace {
 
 constexpr int64_t kChunk = 256;
 
-template <Activation A, typename T>
+// Element i of gate, up (and their gradients) at g[S * i], u[S * i].
+template <Activation A, int64_t S = 1, typename T>
 MOE_ALWAYS_INLINE void forward_span(const T* __restrict g, const T* __restrict u, T* __restrict out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = gated_forward<A>(g[i], u[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = gated_forward<A>(g[S * i], u[S * i]);
 }
 
-template <Activation A, typename T>
+template <Activation A, int64_t S = 1, typename T>
 MOE_ALWAYS_INLINE void backward_span(const T* __restrict grad, const T* __restrict g, const T* __restrict u,
                                      T* __restrict dg, T* __restrict du, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) gated_backward<A>(grad[i], g[i], u[i], dg[i], du[i]);
+  for (int64_t i = 0; i < n; ++i) gated_backward<A>(grad[i], g[S * i], u[S * i], dg[S * i], du[S * i]);
 }
 
 // The fp32 loops are what every dtype but fp64 runs; compiled for AVX-512, AVX2 and baseline x86-64,
@@ -63,6 +66,7 @@ MOE_CPU_CLONES void forward_f32(Activation a, const float* g, const float* u, fl
   switch (a) {
     case Activation::kGelu: return forward_block<Activation::kGelu>(g, u, out, rows, n, ld_in, ld_out);
     case Activation::kGeluTanh: return forward_block<Activation::kGeluTanh>(g, u, out, rows, n, ld_in, ld_out);
+    case Activation::kSwigluOai: return forward_block<Activation::kSwigluOai>(g, u, out, rows, n, ld_in, ld_out);
     default: return forward_block<Activation::kSilu>(g, u, out, rows, n, ld_in, ld_out);
   }
 }
@@ -75,69 +79,79 @@ MOE_CPU_CLONES void backward_f32(Activation a, const float* grad, const float* g
       return backward_block<Activation::kGelu>(grad, g, u, dg, du, rows, n, ld_grad, ld_in);
     case Activation::kGeluTanh:
       return backward_block<Activation::kGeluTanh>(grad, g, u, dg, du, rows, n, ld_grad, ld_in);
+    case Activation::kSwigluOai:
+      return backward_block<Activation::kSwigluOai>(grad, g, u, dg, du, rows, n, ld_grad, ld_in);
     default: return backward_block<Activation::kSilu>(grad, g, u, dg, du, rows, n, ld_grad, ld_in);
   }
 }
 
+// n elements at src[stride * i] -> dst[i], and back.
 template <typename T>
-void to_acc(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+void to_acc(const T* src, float* dst, int64_t n, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[stride * i]);
 }
 
 template <typename T>
-void from_acc(const float* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+void from_acc(const float* src, T* dst, int64_t n, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) dst[stride * i] = static_cast<T>(src[i]);
 }
 
-// `rows` rows of h = [gate | up] (2F columns) -> out (F columns).
+// `rows` rows of h (2F columns) -> out (F columns).
 template <typename T>
 void forward_rows(Activation a, const T* h, T* out, int64_t rows, int64_t F) {
+  const int64_t S = gate_up_stride(a), U = up_offset(a, F);
   if constexpr (std::is_same_v<T, double>) {
     dispatch_activation(a, [&](auto A) {
-      for (int64_t r = 0; r < rows; ++r) forward_span<decltype(A)::value>(h + r * 2 * F, h + r * 2 * F + F, out + r * F, F);
+      constexpr Activation kA = decltype(A)::value;
+      for (int64_t r = 0; r < rows; ++r)
+        forward_span<kA, gate_up_stride(kA)>(h + r * 2 * F, h + r * 2 * F + U, out + r * F, F);
     });
-  } else if constexpr (std::is_same_v<T, float>) {
-    forward_f32(a, h, h + F, out, rows, F, 2 * F, F);
-  } else {
-    float gf[kChunk], uf[kChunk], of[kChunk];
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* g = h + r * 2 * F;
-      for (int64_t i = 0; i < F; i += kChunk) {
-        const int64_t n = std::min(kChunk, F - i);
-        to_acc(g + i, gf, n);
-        to_acc(g + F + i, uf, n);
-        forward_f32(a, gf, uf, of, 1, n, 0, 0);
-        from_acc(of, out + r * F + i, n);
-      }
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (S == 1) return forward_f32(a, h, h + F, out, rows, F, 2 * F, F);
+  }
+  float gf[kChunk], uf[kChunk], of[kChunk];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = h + r * 2 * F;
+    for (int64_t i = 0; i < F; i += kChunk) {
+      const int64_t n = std::min(kChunk, F - i);
+      to_acc(g + S * i, gf, n, S);
+      to_acc(g + U + S * i, uf, n, S);
+      forward_f32(a, gf, uf, of, 1, n, 0, 0);
+      from_acc(of, out + r * F + i, n, 1);
     }
   }
 }
 
-// `rows` rows of grad (F columns) and h -> grad_h (2F columns).
+// `rows` rows of grad (F columns) and h -> grad_h (2F columns, laid out as h).
 template <typename T>
 void backward_rows(Activation a, const T* grad, const T* h, T* grad_h, int64_t rows, int64_t F) {
+  const int64_t S = gate_up_stride(a), U = up_offset(a, F);
   if constexpr (std::is_same_v<T, double>) {
     dispatch_activation(a, [&](auto A) {
+      constexpr Activation kA = decltype(A)::value;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t o = r * 2 * F;
-        backward_span<decltype(A)::value>(grad + r * F, h + o, h + o + F, grad_h + o, grad_h + o + F, F);
+        backward_span<kA, gate_up_stride(kA)>(grad + r * F, h + o, h + o + U, grad_h + o, grad_h + o + U, F);
       }
     });
-  } else if constexpr (std::is_same_v<T, float>) {
-    backward_f32(a, grad, h, h + F, grad_h, grad_h + F, rows, F, F, 2 * F);
-  } else {
-    float gr[kChunk], gf[kChunk], uf[kChunk], dgf[kChunk], duf[kChunk];
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t o = r * 2 * F;
-      for (int64_t i = 0; i < F; i += kChunk) {
-        const int64_t n = std::min(kChunk, F - i);
-        to_acc(grad + r * F + i, gr, n);
-        to_acc(h + o + i, gf, n);
-        to_acc(h + o + F + i, uf, n);
-        backward_f32(a, gr, gf, uf, dgf, duf, 1, n, 0, 0);
-        from_acc(dgf, grad_h + o + i, n);
-        from_acc(duf, grad_h + o + F + i, n);
-      }
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (S == 1) return backward_f32(a, grad, h, h + F, grad_h, grad_h + F, rows, F, F, 2 * F);
+  }
+  float gr[kChunk], gf[kChunk], uf[kChunk], dgf[kChunk], duf[kChunk];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * 2 * F;
+    for (int64_t i = 0; i < F; i += kChunk) {
+      const int64_t n = std::min(kChunk, F - i);
+      to_acc(grad + r * F + i, gr, n, 1);
+      to_acc(h + o + S * i, gf, n, S);
+      to_acc(h + o + U + S * i, uf, n, S);
+      backward_f32(a, gr, gf, uf, dgf, duf, 1, n, 0, 0);
+      from_acc(dgf, grad_h + o + S * i, n, S);
+      from_acc(duf, grad_h + o + U + S * i, n, S);
     }
   }
 }

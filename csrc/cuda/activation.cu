@@ -1,7 +1,7 @@
 // CUDA kernels of gated_activation and its backward: elementwise over the M x F (gate, up) pairs of
-// h = [gate | up], maths from common/activation.h. Memory-bound: each thread moves packs of V
-// elements (16 bytes) of gate, up (and grad) and writes V outputs (V gradient pairs); V = 1 when F or
-// a pointer is not 16-byte aligned. Grid-stride with int64 indices, so any M * F fits.
+// h = [gate | up] (interleaved for swigluoai), maths from common/activation.h. Memory-bound: each thread
+// moves packs of V elements (16 bytes) of gate, up (and grad) and writes V outputs (V gradient pairs);
+// V = 1 when F or a pointer is not 16-byte aligned. Grid-stride with int64 indices, so any M * F fits.
 #include "cuda_utils.cuh"
 
 namespace moe_ext::cuda {
@@ -25,6 +25,41 @@ __device__ __forceinline__ void store(T* p, const Pack<T, V>& x) {
   *reinterpret_cast<Pack<T, V>*>(p) = x;
 }
 
+// Gate and up of output columns col .. col + V - 1 of one row of h (2F columns at row_h): V-wide packs of
+// each half, or for an interleaved layout two packs holding gate, up, gate, up, ...
+template <Activation A, typename T, int V>
+__device__ __forceinline__ void load_gate_up(const T* row_h, int64_t col, int64_t F, Pack<T, V>& g, Pack<T, V>& u) {
+  if constexpr (interleaved(A)) {
+    const auto a = load<T, V>(row_h + 2 * col), b = load<T, V>(row_h + 2 * col + V);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      g.v[i] = 2 * i < V ? a.v[2 * i] : b.v[2 * i - V];
+      u.v[i] = 2 * i + 1 < V ? a.v[2 * i + 1] : b.v[2 * i + 1 - V];
+    }
+  } else {
+    g = load<T, V>(row_h + col);
+    u = load<T, V>(row_h + col + F);
+  }
+}
+
+template <Activation A, typename T, int V>
+__device__ __forceinline__ void store_gate_up(T* row_h, int64_t col, int64_t F, const Pack<T, V>& g,
+                                              const Pack<T, V>& u) {
+  if constexpr (interleaved(A)) {
+    Pack<T, V> a, b;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      (2 * i < V ? a.v[2 * i] : b.v[2 * i - V]) = g.v[i];
+      (2 * i + 1 < V ? a.v[2 * i + 1] : b.v[2 * i + 1 - V]) = u.v[i];
+    }
+    store<T, V>(row_h + 2 * col, a);
+    store<T, V>(row_h + 2 * col + V, b);
+  } else {
+    store<T, V>(row_h + col, g);
+    store<T, V>(row_h + col + F, u);
+  }
+}
+
 template <Activation A, typename T, int V>
 __global__ void __launch_bounds__(kThreads) gated_forward_kernel(const T* __restrict__ h, T* __restrict__ out,
                                                                  int64_t M, int64_t F) {
@@ -32,9 +67,8 @@ __global__ void __launch_bounds__(kThreads) gated_forward_kernel(const T* __rest
   const int64_t packs = F / V, total = M * packs;
   for (int64_t p = blockIdx.x * int64_t(kThreads) + threadIdx.x; p < total; p += int64_t(gridDim.x) * kThreads) {
     const int64_t row = p / packs, col = (p - row * packs) * V;
-    const T* g = h + row * 2 * F + col;
-    const auto gv = load<T, V>(g), uv = load<T, V>(g + F);
-    Pack<T, V> o;
+    Pack<T, V> gv, uv, o;
+    load_gate_up<A, T, V>(h + row * 2 * F, col, F, gv, uv);
 #pragma unroll
     for (int i = 0; i < V; ++i)
       o.v[i] = from_acc<T>(gated_forward<A>(static_cast<acc>(gv.v[i]), static_cast<acc>(uv.v[i])));
@@ -49,9 +83,9 @@ __global__ void __launch_bounds__(kThreads) gated_backward_kernel(const T* __res
   const int64_t packs = F / V, total = M * packs;
   for (int64_t p = blockIdx.x * int64_t(kThreads) + threadIdx.x; p < total; p += int64_t(gridDim.x) * kThreads) {
     const int64_t row = p / packs, col = (p - row * packs) * V;
-    const int64_t in = row * 2 * F + col;
-    const auto rv = load<T, V>(grad + row * F + col), gv = load<T, V>(h + in), uv = load<T, V>(h + in + F);
-    Pack<T, V> dg, du;
+    const auto rv = load<T, V>(grad + row * F + col);
+    Pack<T, V> gv, uv, dg, du;
+    load_gate_up<A, T, V>(h + row * 2 * F, col, F, gv, uv);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       acc d_g, d_u;
@@ -59,8 +93,7 @@ __global__ void __launch_bounds__(kThreads) gated_backward_kernel(const T* __res
       dg.v[i] = from_acc<T>(d_g);
       du.v[i] = from_acc<T>(d_u);
     }
-    store<T, V>(grad_h + in, dg);
-    store<T, V>(grad_h + in + F, du);
+    store_gate_up<A, T, V>(grad_h + row * 2 * F, col, F, dg, du);
   }
 }
 

@@ -9,6 +9,7 @@ Two ways in (docs/transformers.md):
    grouped_gemm -> unpermute, forward and backward. The model's router is untouched. Weight layouts:
    is_transposed (w [E, in, out] vs [E, out, in]), has_bias (gate_up_proj_bias / down_proj_bias),
    has_gate (gate_up_proj vs up_proj) and is_concatenated (handled by the module's _apply_gate) all work;
+   the default SiLU gate and GPT-OSS's clamped, interleaved one run as moe_ext.gated_activation;
    expert-parallel sentinels (ids >= num_experts) become dropped slots.
 
 2. replace_moe_blocks(model): swaps each supported sparse MoE block (router included) for a MoEBlock
@@ -49,14 +50,34 @@ def _silu_and_mul_applies(module: nn.Module) -> bool:
             and type(act).forward in (SiLUActivation.forward, nn.SiLU.forward) and "forward" not in act.__dict__)
 
 
+def _swigluoai_applies(module: nn.Module) -> bool:
+    """True when module's gate is GPT-OSS's own (GptOssExperts._apply_gate, not overridden) with the alpha and
+    limit that moe_ext's "swigluoai" hard-codes (1.702, 7.0)."""
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:
+        return False
+    return (getattr(type(module), "_apply_gate", None) is GptOssExperts._apply_gate
+            and "_apply_gate" not in module.__dict__
+            and float(getattr(module, "alpha", 0.0)) == MF.SWIGLUOAI_ALPHA
+            and float(getattr(module, "limit", 0.0)) == MF.SWIGLUOAI_LIMIT)
+
+
+def _fused_gate(module: nn.Module) -> Optional[str]:
+    """The moe_ext gated activation equal to module's gate, or None (the module's _apply_gate runs)."""
+    if _silu_and_mul_applies(module):
+        return "silu"
+    return "swigluoai" if _swigluoai_applies(module) else None
+
+
 def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor,
                             top_k_weights: Tensor, recompute: bool = False) -> Tensor:
     """transformers' experts forward signature: (experts module, x [T, H], top_k_index [T, k],
     top_k_weights [T, k]) -> [T, H] in x's dtype. Reads the layout flags that
     @use_experts_implementation sets (has_gate, has_bias, is_transposed; is_concatenated only matters to
     the module's _apply_gate) and falls back to inferring them from the parameter names.
-    recompute=True (register(recompute=True)): for the default gated SiLU with [E, out, in] weights, the
-    backward recomputes the grouped rows and the activation instead of saving them
+    recompute=True (register(recompute=True)): for the default gated SiLU (or GPT-OSS's gate) with
+    [E, out, in] weights, the backward recomputes the grouped rows and the activation instead of saving them
     (moe_ext.functional.permute_expert_ffn); other layouts and gates take the default path."""
     has_gate = getattr(self, "has_gate", hasattr(self, "gate_up_proj"))
     has_bias = getattr(self, "has_bias", False)
@@ -71,13 +92,14 @@ def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index:
         ids = torch.where((ids >= 0) & (ids < E), ids, torch.full_like(ids, -1))
     # The weights' dtype (as transformers' grouped_mm path does), or the autocast one under torch.autocast.
     x = hidden_states.to(MF._autocast_dtype(hidden_states) or w_in.dtype)
-    if recompute and has_gate and not transposed and _silu_and_mul_applies(self):
-        y, _, row_map = MF.permute_expert_ffn(x, ids, E, w_in, self.down_proj, "silu", b_in, b_out, recompute=True)
+    fused = _fused_gate(self) if has_gate else None
+    if recompute and fused is not None and not transposed:
+        y, _, row_map = MF.permute_expert_ffn(x, ids, E, w_in, self.down_proj, fused, b_in, b_out, recompute=True)
         return MF.unpermute(y, row_map, top_k_weights).to(hidden_states.dtype)
     x_sorted, offsets, row_map = MF.permute(x, ids, E)
     h = MF.grouped_gemm(x_sorted, w_in, offsets, trans_b=not transposed, bias=b_in)
     if has_gate:
-        h = MF.apply_activation(h, "silu") if _silu_and_mul_applies(self) else self._apply_gate(h)
+        h = MF.apply_activation(h, fused) if fused is not None else self._apply_gate(h)
     else:
         h = self.act_fn(h)
     y = MF.grouped_gemm(h, self.down_proj, offsets, trans_b=not transposed, bias=b_out)
@@ -119,7 +141,9 @@ def unregister(name: str = NAME) -> None:
 #   "softmax_group": fp32 logits, softmax, top-k ("greedy") or top-k among the topk_group groups whose best
 #              score is highest ("group_limited_greedy"), weights = the scores x routed_scaling_factor, never
 #              renormalised (DeepseekV2TopkRouter)
-# Block kinds: "plain" (Qwen3/OLMoE), "mixtral" (in-place jitter before the gate), "qwen2" (sigmoid-gated
+#   "gpt_oss": logits = x @ W^T + b, top-k of the logits, softmax over those k in the logits' dtype
+#              (GptOssTopKRouter)
+# Block kinds: "plain" (Qwen3/OLMoE/GPT-OSS), "mixtral" (in-place jitter before the gate), "qwen2" (sigmoid-gated
 # shared expert), "deepseek" (ungated shared_experts added: DeepSeek-V2 and V3).
 SUPPORTED_BLOCKS = {
     "MixtralSparseMoeBlock": ("mixtral", "mixtral"),
@@ -128,6 +152,7 @@ SUPPORTED_BLOCKS = {
     "OlmoeSparseMoeBlock": ("qwen", "plain"),
     "DeepseekV2Moe": ("softmax_group", "deepseek"),
     "DeepseekV3MoE": ("sigmoid_group", "deepseek"),
+    "GptOssMLP": ("gpt_oss", "plain"),
 }
 
 
@@ -200,6 +225,10 @@ class _MoeExtRouterMixin:
                                topk_groups=self.topk_group if n_group > 1 else 1,
                                routed_scaling=float(getattr(self, "routed_scaling_factor", 1.0)), group_score="max")
             return logits, g.weights, g.expert_ids
+        if kind == "gpt_oss":
+            logits = F.linear(x, self.weight, self.bias)
+            g = MF.topk_gating(logits.float(), k, order="topk_softmax", renormalize=False)
+            return logits, g.weights.to(logits.dtype), g.expert_ids
         logits = F.linear(x, self.weight)
         renorm = True if kind == "mixtral" else bool(getattr(self, "norm_topk_prob", False))
         g = MF.topk_gating(logits.float(), k, renormalize=renorm)
@@ -232,7 +261,8 @@ def _moe_ext_router(router: nn.Module, kind: str) -> nn.Module:
 
 class MoEBlock(nn.Module):
     """A transformers sparse MoE block run by moe_ext, holding the original block's submodules (so its
-    Parameters and state_dict keys are the model's own): .gate (moe_ext router, see _MoeExtRouterMixin),
+    Parameters and state_dict keys are the model's own): .gate (.router for GPT-OSS; moe_ext router, see
+    _MoeExtRouterMixin),
     .experts (the model's experts module, run through moe_ext_experts_forward whatever the model's
     experts_implementation), and .shared_expert/.shared_expert_gate (Qwen2-MoE) or .shared_experts
     (DeepSeek-V3). Semantics follow the installed transformers version:
@@ -247,18 +277,23 @@ class MoEBlock(nn.Module):
                topk_group best groups (sum of top-2), masking as the installed router does (-inf here:
                the op's exclusion; a 0.0 fill is computed in PyTorch), weights = unbiased scores
                (/ (sum + 1e-20) iff norm_topk_prob) x routed_scaling_factor; + shared_experts(x).
+      GPT-OSS: logits with the router's bias, top-k of the logits, softmax over them in the logits' dtype;
+               the experts' clamped, interleaved SwiGLU runs as moe_ext's "swigluoai".
     Routed outputs are accumulated in fp32 (unpermute) and rounded once to the hidden dtype. Returns what
-    the original block returns (a tensor in transformers 5.x; (hidden, router_logits) when the installed
-    block returned that pair). .last_stats holds tokens_per_expert [E] of the last forward.
+    the original block returns (a tensor in transformers 5.x, (hidden, router_scores [T, k]) for GPT-OSS;
+    (hidden, router_logits) when the installed block returned that pair). .last_stats holds tokens_per_expert [E] of the last forward.
     """
 
-    def __init__(self, block: nn.Module, router_kind: str, block_kind: str, returns_logits: bool = False):
+    def __init__(self, block: nn.Module, router_kind: str, block_kind: str, returns: Optional[str] = None):
         super().__init__()
-        self.block_kind, self.returns_logits = block_kind, returns_logits
-        self.top_k = block.gate.top_k
+        self.block_kind, self.returns = block_kind, returns
+        # the router keeps the block's attribute name, and so its state_dict keys
+        self.router_name = "gate" if isinstance(getattr(block, "gate", None), nn.Module) else "router"
+        router = getattr(block, self.router_name)
+        self.top_k = router.top_k
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
         self.original_class = type(block).__name__
-        self.gate = _moe_ext_router(block.gate, router_kind)
+        setattr(self, self.router_name, _moe_ext_router(router, router_kind))
         self.experts = block.experts
         for name in ("shared_expert", "shared_expert_gate", "shared_experts"):
             if getattr(block, name, None) is not None:
@@ -272,10 +307,11 @@ class MoEBlock(nn.Module):
         if self.block_kind == "mixtral" and self.training and self.jitter_noise > 0:
             hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x = hidden_states.reshape(-1, shape[-1])
-        logits, weights, ids = self.gate(x)
+        router = getattr(self, self.router_name)
+        logits, weights, ids = router(x)
         y = moe_ext_experts_forward(self.experts, x, ids, weights)
         with torch.no_grad():
-            E = self.gate.weight.shape[0]
+            E = router.weight.shape[0]
             self.last_stats = {"tokens_per_expert": torch.zeros(E, dtype=torch.int64, device=ids.device)
                                .index_add_(0, ids.reshape(-1).long(), torch.ones_like(ids.reshape(-1), dtype=torch.int64))}
         if self.block_kind == "qwen2":
@@ -283,15 +319,20 @@ class MoEBlock(nn.Module):
         elif self.block_kind == "deepseek":
             y = y.view(shape) + self.shared_experts(hidden_states)
         y = y.reshape(shape)
-        return (y, logits) if self.returns_logits else y
+        if self.returns == "router_logits":
+            return y, logits
+        return (y, weights) if self.returns == "router_scores" else y
 
 
-def _returns_router_logits(block_cls) -> bool:
+def _returns_of(block_cls) -> Optional[str]:
+    """What the installed block returns beside the hidden states: "router_logits" (older blocks),
+    "router_scores" (GPT-OSS: the weights [T, k]) or None (the hidden states alone)."""
     try:
         src = inspect.getsource(block_cls.forward)
     except (OSError, TypeError):
-        return False
-    return re.search(r"return\s+[\w.()]+\s*,\s*router_logits", src) is not None
+        return None
+    m = re.search(r"return\s+[\w.()]+\s*,\s*(router_logits|router_scores)\b", src)
+    return m.group(1) if m else None
 
 
 def replace_moe_blocks(model: nn.Module, classes=None) -> list:
@@ -309,7 +350,7 @@ def replace_moe_blocks(model: nn.Module, classes=None) -> list:
     replaced = []
     for name, block in targets:
         router_kind, block_kind = SUPPORTED_BLOCKS[type(block).__name__]
-        new = MoEBlock(block, router_kind, block_kind, _returns_router_logits(type(block)))
+        new = MoEBlock(block, router_kind, block_kind, _returns_of(type(block)))
         new.train(block.training)
         new._forward_hooks.update(block._forward_hooks)
         new._forward_pre_hooks.update(block._forward_pre_hooks)

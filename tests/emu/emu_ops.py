@@ -34,7 +34,7 @@ GUARD_BYTE = 0xCD
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 SCORE = {"softmax": 0, "sigmoid": 1}
 ORDER = {"softmax_topk": 0, "topk_softmax": 1}
-ACT = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+ACT = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "swigluoai": 3}
 
 _lib = None
 _libc = ctypes.CDLL(None, use_errno=True)
