@@ -58,6 +58,7 @@ def test_equals_resident_every_cache_size(n):
 @pytest.mark.parametrize("kw", [
     dict(bias=True),
     dict(activation="gelu_no_mul"),
+    dict(activation="swigluoai", bias=True, router_bias=True),
     dict(num_shared_experts=2),
     dict(capacity_factor=0.5),
     dict(capacity_factor=0.75, overflow="reroute"),

@@ -21,6 +21,9 @@ def _make_layer(c):
     layer = moe_ext.MoELayer(c["H"], c["F"], c["E"], c["k"], **c.get("kw", {})).to(_dtype(c))
     if getattr(layer.router, "expert_bias", None) is not None:
         layer.router.expert_bias.copy_(torch.linspace(-0.5, 0.5, c["E"]))
+    if layer.router.bias is not None:
+        with torch.no_grad():
+            layer.router.bias.copy_(torch.linspace(0.4, -0.4, c["E"]))
     return layer
 
 
@@ -306,7 +309,8 @@ def _random_cases(n, world, seed):
     for _ in range(n):
         E = rnd.randint(world, 9)
         k = rnd.randint(1, E)
-        kw = dict(activation=rnd.choice(["silu", "gelu", "gelu_no_mul", "relu_no_mul"]), bias=rnd.random() < 0.5,
+        kw = dict(activation=rnd.choice(["silu", "gelu", "swigluoai", "gelu_no_mul", "relu_no_mul"]),
+                  bias=rnd.random() < 0.5, router_bias=rnd.random() < 0.3,
                   score_func=rnd.choice(["softmax", "sigmoid"]), renormalize=rnd.random() < 0.5,
                   aux_loss_coef=rnd.choice([0.0, 0.1]), z_loss_coef=rnd.choice([0.0, 0.01]),
                   recompute=rnd.random() < 0.3, attach_aux_loss=rnd.random() < 0.2,
