@@ -20,6 +20,9 @@ MODELS = {
                  gating=dict(num_groups=8, topk_groups=3, routed_scaling=16.0, renormalize=False, group_score="max")),
     "dsv3": dict(H=7168, F=2048, E=256, k=8, act="silu", bias=False,
                  gating=dict(score_func="sigmoid", num_groups=8, topk_groups=4, routed_scaling=2.5)),
+    # GPT-OSS 120B: expert biases, the clamped, interleaved "swigluoai" gate (softmax over the top-4 logits
+    # selects and weighs as renormalised softmax scores do).
+    "gpt_oss": dict(H=2880, F=2880, E=128, k=4, act="swigluoai", bias=True, gating={}),
     # The seed chapter's layer: 8 experts, top-2, Linear-GELU-Linear with bias.
     "seed": dict(H=512, F=2048, E=8, k=2, act="gelu_no_mul", bias=True, gating={}),
     # Tiny shape for the test suite's smoke runs (MOE_EXT_BENCH_SMOKE=1).
@@ -28,8 +31,8 @@ MODELS = {
                     gating=dict(score_func="sigmoid", num_groups=4, topk_groups=2, routed_scaling=2.5)),
 }
 FULL_NAMES = {"mixtral": "Mixtral-8x7B", "qwen3": "Qwen3-30B-A3B", "dsv2": "DeepSeek-V2", "dsv3": "DeepSeek-V3",
-              "seed": "seed 8x top-2", "tiny": "tiny", "tiny_ds": "tiny (DSv3 gating)"}
-CPU_SCALE = {"mixtral": 8, "qwen3": 8, "dsv2": 16, "dsv3": 16}  # the CPU divides H and F of the real models by this
+              "gpt_oss": "gpt-oss-120b", "seed": "seed 8x top-2", "tiny": "tiny", "tiny_ds": "tiny (DSv3 gating)"}
+CPU_SCALE = {"mixtral": 8, "qwen3": 8, "dsv2": 16, "dsv3": 16, "gpt_oss": 16}  # the CPU divides H and F of the real models by this
 SUITES = ("gating", "permute", "unpermute", "activation", "grouped_gemm", "layer")
 
 
@@ -86,18 +89,20 @@ def plan(device: str, mode: str, suites) -> list:
             "permute": [("qwen3", small, "uniform"), ("qwen3", large, "uniform"), ("dsv3", large, "zipf")],
             "unpermute": [("qwen3", small, "uniform"), ("qwen3", large, "uniform"), ("dsv3", large, "zipf")],
             "activation": [("qwen3", large, "uniform"), ("mixtral", large, "uniform"),
-                           ("mixtral", train, "uniform", "fwd+bwd")],
+                           ("mixtral", train, "uniform", "fwd+bwd"), ("gpt_oss", train, "uniform", "fwd+bwd")],
             "grouped_gemm": [("qwen3", small, "uniform", "w1"), ("qwen3", large, "uniform", "w1"),
                              ("qwen3", large, "zipf", "w1"), ("mixtral", large, "uniform", "w2")],
             "layer": [("mixtral", small, "uniform"), ("mixtral", large, "uniform"), ("qwen3", small, "uniform"),
                       ("qwen3", large, "uniform"), ("qwen3", large, "zipf"), ("dsv3", small, "uniform"),
+                      ("gpt_oss", small, "uniform"),
                       ("qwen3", train, "uniform", "fwd+bwd"),
                       ("seed", large, "uniform", "fwd") if cpu else ("seed", train, "uniform", "fwd+bwd")],
         }
         return [_case(s, w[0], w[1], device, *w[2:]) for s in suites for w in want.get(s, [])]
     tokens = [1, 16, 128, 1024] if cpu else [1, 4, 16, 64, 256, 1024, 4096, 16384]
     for s in suites:
-        models = ["mixtral", "qwen3", "dsv3"] + (["seed"] if s == "layer" else []) + (["dsv2"] if s == "gating" else [])
+        models = (["mixtral", "qwen3", "dsv3"] + (["seed"] if s == "layer" else []) + (["dsv2"] if s == "gating" else [])
+                  + (["gpt_oss"] if s in ("activation", "layer") else []))
         passes = {"grouped_gemm": ["w1", "w2"], "layer": ["fwd", "fwd+bwd"],
                   "activation": ["fwd", "fwd+bwd"]}.get(s, ["fwd"])
         for m in models:
