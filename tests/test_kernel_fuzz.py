@@ -5,7 +5,9 @@ arguments together instead: expert counts on both sides of every warp-kernel bou
 512 experts) and past them, every k from 1 to E, each dtype, each score function and order, group-limited
 selection (groups of 32 take the register-slot stage, other sizes the staged one), the selection bias,
 routed scaling, and logits with many exact ties, infinities and NaN. permute, unpermute, their
-backwards and capacity_reroute get random ids with drops, max_rows, odd widths and misaligned rows.
+backwards and capacity_reroute get random ids with drops, max_rows, odd widths and misaligned rows. The
+gated activations get random widths (vectorised or not), every dtype and activation, misaligned inputs and
+values across GPT-OSS's clamp limits.
 They run through the `kern` fixture: under the CUDA emulation here, on the GPU where one is visible.
 Each comparison expects what test_cuda_routing.py expects (bit-identical routing, lse and backward
 within tolerance).
@@ -17,6 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import moe_ext  # noqa: F401  (registers torch.ops.moe_ext)
+from activation_ref import (ALL_ACTS, assert_close_ref, assert_matches_cpu, bwd_scale, fwd_scale, make_grad, make_h,
+                            ref_backward, ref_forward)
 from test_cuda_routing import TOL, _assert_gating_equal
 
 ops = torch.ops.moe_ext
@@ -178,6 +182,23 @@ def test_grouped_gemm_fuzz(kern, args):
     w = kern.grouped_gemm_wgrad(a, y, offs, misaligned=misaligned)
     assert w.shape == (E, K, N)
     assert_accurate(w, ref_wgrad(a, y, offs, dtype=ref), ref_wgrad(a, y, offs, dtype=dtype), dtype)
+
+
+@given(st.integers(0, 70), st.integers(0, 70), st.sampled_from(DTYPES), st.sampled_from(ALL_ACTS), st.booleans(),
+       st.sampled_from([1.0, 3.0, 8.0]), st.integers(0, 2**31 - 1))
+@FUZZ
+def test_gated_activation_fuzz(kern, M, F_, dtype, act, misaligned, scale, seed):
+    """act over [M, 2F] forward and backward: the device kernel against the CPU kernel and the float64
+    reference (scale 8 puts many swigluoai inputs past its clamp limits, and some exactly on them in 16-bit)."""
+    h = make_h(M, F_, dtype, seed=seed, scale=scale)
+    grad = make_grad(M, F_, dtype, seed=seed + 1)
+    out = kern.gated_activation(h, act, misaligned=misaligned)
+    grad_h = kern.gated_activation_backward(grad, h, act)
+    ref, ref_b = ref_forward(h, act), ref_backward(grad, h, act)
+    assert_close_ref(out, ref, dtype, fwd_scale(h, act))
+    assert_close_ref(grad_h, ref_b, dtype, bwd_scale(grad, h, act))
+    assert_matches_cpu(out, ops.gated_activation(h, act), dtype, ref, fwd_scale(h, act))
+    assert_matches_cpu(grad_h, ops.gated_activation_backward(grad, h, act), dtype, ref_b, bwd_scale(grad, h, act))
 
 
 @given(st.sampled_from(["permute", "unpermute", "unpermute_backward", "capacity_reroute", "topk_gating_backward"]),
