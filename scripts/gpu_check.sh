@@ -134,7 +134,7 @@ if $WANT_CUTLASS and not info['cutlass']:
 # Four pytest workers share the GPU when pytest-xdist is there (the device image has it): the CPU-side
 # references are most of the tests' time. With workers, pytest-timeout may end a hung test by ending
 # its worker, which xdist reports as that test's failure and replaces, so one hang costs one test.
-# Run 2 took 94 s for 1040 tests; 1458 now, among them random-argument tests (test_kernel_fuzz.py,
+# Run 2 took 94 s for 1040 tests; 1505 now, among them random-argument tests (test_kernel_fuzz.py,
 # test_op_argument_fuzz.py): about 150 s expected, so up to 200 s.
 XDIST=0; TIMEOUT=()
 if $PY -c "import xdist" 2>/dev/null; then XDIST=1; fi
@@ -167,11 +167,11 @@ sanitize() {  # sanitize TOOL: the smoke script plus the small CUDA tests that e
     echo "SANITIZE-DONE tool=$tool rc=$rc"
     return $rc
 }
-# Small, edge-case tests of every CUDA op (the sanitizer slows kernels by 10-100x): 57 tests. Only the
+# Small, edge-case tests of every CUDA op (the sanitizer slows kernels by 10-100x): 69 tests. Only the
 # smallest of the grouped GEMM's most_empty shapes (fp32 / fp16 / bf16, so CUTLASS and the simple kernel),
 # and the smallest shape of each sm_90a tile in each form.
 SANITIZE_K=${SANITIZE_K:-"(empty and not most_empty and not large) or edge or ties or no_rows or unreferenced \
-or (most_empty and 256x4 and not sm90_tile) or (misaligned and silu and (36 or 37)) or (reroute_cuda and (37-7-3 or 70-13000)) \
+or (most_empty and 256x4 and not sm90_tile) or (misaligned and (silu or swigluoai) and (36 or 37)) or swigluoai_limits or (reroute_cuda and (37-7-3 or 70-13000)) \
 or (tf32 and 300x6) or (sm90_tile and 256x4 and uniform and bf16) or few_tokens_wide_rows \
 or (block_and_grid_routing and 256) or out_of_range_rows_many_tokens"}
 export -f sanitize
