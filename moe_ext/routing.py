@@ -134,7 +134,8 @@ def update_expert_bias(layer_or_bias, tokens_per_expert=None, rate: float = 1e-3
     selection bias, bias += rate * sign(mean_load - load).
 
     layer_or_bias: a MoELayer built with expert_bias=True (its router.expert_bias is updated), a
-    module with .expert_bias or .e_score_correction_bias (a transformers DeepSeek-V3 router), or the
+    module with .expert_bias or .e_score_correction_bias (a transformers DeepSeek-V3 router, or a MiniMax-M2
+    block), or the
     bias tensor [E] itself. tokens_per_expert: the observed load [E] (any number type), or a list of
     such tensors (e.g. one per micro-batch), summed; default: the layer's last_stats["tokens_per_expert"].
     An overloaded expert's bias goes down by rate, an underloaded one's up, an expert exactly at the mean
@@ -147,6 +148,8 @@ def update_expert_bias(layer_or_bias, tokens_per_expert=None, rate: float = 1e-3
         bias = getattr(router, "expert_bias", None)
         if bias is None:
             bias = getattr(router, "e_score_correction_bias", None)
+        if bias is None:  # MiniMax-M2 keeps it on the block
+            bias = getattr(mod, "e_score_correction_bias", None)
         if bias is None:
             raise ValueError("moe_ext.update_expert_bias: the module has no expert bias (build MoELayer with "
                              "expert_bias=True)")

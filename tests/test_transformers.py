@@ -423,6 +423,100 @@ def test_gpt_oss_preset_is_the_transformers_block():
         torch.testing.assert_close(ours.grad, want, atol=1e-12, rtol=1e-10)
 
 
+def _block_families():
+    """Sparse MoE blocks checked one block at a time (their whole models need more than a tiny config):
+    name -> (modeling module, block class, config)."""
+    C = transformers
+    common = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    return {
+        "qwen3_next": ("qwen3_next", "Qwen3NextSparseMoeBlock", lambda: C.Qwen3NextConfig(
+            **common, moe_intermediate_size=16, shared_expert_intermediate_size=20, num_experts=6,
+            num_experts_per_tok=2, norm_topk_prob=False)),
+        "qwen3_next_norm": ("qwen3_next", "Qwen3NextSparseMoeBlock", lambda: C.Qwen3NextConfig(
+            **common, moe_intermediate_size=16, shared_expert_intermediate_size=20, num_experts=6,
+            num_experts_per_tok=3, norm_topk_prob=True)),
+        "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", lambda: C.Qwen3_5MoeTextConfig(
+            **common, moe_intermediate_size=16, shared_expert_intermediate_size=20, num_experts=6,
+            num_experts_per_tok=3)),
+        "glm4_moe": ("glm4_moe", "Glm4MoeMoE", lambda: C.Glm4MoeConfig(
+            **common, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+            n_group=4, topk_group=2, routed_scaling_factor=2.5)),
+        "dots1": ("dots1", "Dots1MoE", lambda: C.Dots1Config(
+            **common, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
+            n_group=4, topk_group=2, routed_scaling_factor=2.5)),
+        "minimax_m2": ("minimax_m2", "MiniMaxM2SparseMoeBlock", lambda: C.MiniMaxM2Config(
+            **common, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, router_jitter_noise=0.1)),
+    }
+
+
+BLOCK_FAMILIES = _block_families()
+
+
+@pytest.mark.parametrize("family", list(BLOCK_FAMILIES))
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_replace_block_matches_the_block(family, train):
+    """One replaced block against the installed block in float64: output, the input's and every parameter's
+    gradient, the same state_dict keys and shared parameters (MiniMax-M2 in training: the same jitter draw)."""
+    import importlib
+    module, cls_name, make_cfg = BLOCK_FAMILIES[family]
+    cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls_name)
+    assert cls_name in mt.SUPPORTED_BLOCKS
+    torch.manual_seed(0)
+    block = cls(make_cfg()).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in block.named_parameters():  # as _randomize: decisive routing, moderate experts
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.5 if name == "gate.weight" else 0.2))
+        for name, b in block.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.3)
+    wrapper = torch.nn.Module()
+    wrapper.mlp = copy.deepcopy(block)
+    before = dict(wrapper.named_parameters())
+    assert mt.replace_moe_blocks(wrapper) == ["mlp"] and isinstance(wrapper.mlp, mt.MoEBlock)
+    after = dict(wrapper.named_parameters())
+    assert set(after) == set(before) and all(after[n] is before[n] for n in before)
+    assert set(wrapper.mlp.state_dict()) == set(block.state_dict())
+    block.train(train), wrapper.train(train)
+    x = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
+    gy = torch.randn(2, 9, 32, generator=g, dtype=torch.float64)
+    results = []
+    for m in (block, wrapper.mlp):
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        y = m(xi.clone())  # a copy: MiniMax-M2's jitter scales its input in place
+        y = y[0] if isinstance(y, tuple) else y
+        y.backward(gy)
+        results.append((y.detach(), xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (y_ref, gx_ref, gp_ref), (y, gx, gp) = results
+
+    def close(a, b, what):  # fp32 routing (both sides): its rounding, relative to the tensor's scale
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5, msg=lambda m: f"{what}: {m}")
+    close(y, y_ref, "output")
+    close(gx, gx_ref, "d x")
+    assert set(gp) == set(gp_ref)
+    for n in gp_ref:
+        if gp_ref[n] is None:
+            assert gp[n] is None, n
+        else:
+            close(gp[n], gp_ref[n], n)
+
+
+def test_update_expert_bias_on_replaced_minimax_block():
+    from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2SparseMoeBlock
+    wrapper = torch.nn.Module()
+    wrapper.mlp = MiniMaxM2SparseMoeBlock(BLOCK_FAMILIES["minimax_m2"][2]())
+    bias = wrapper.mlp.e_score_correction_bias
+    mt.replace_moe_blocks(wrapper)
+    assert wrapper.mlp.e_score_correction_bias is bias  # the block's own buffer
+    wrapper.mlp(torch.randn(1, 20, 32))
+    load = wrapper.mlp.last_stats["tokens_per_expert"]
+    before = bias.clone()
+    moe_ext.routing.update_expert_bias(wrapper.mlp, rate=0.01)
+    torch.testing.assert_close(bias - before, (0.01 * torch.sign(load.double().mean() - load.double())).float())
+
+
 def test_update_expert_bias_on_replaced_deepseek_block():
     model = _build("deepseek_v3", "eager", torch.float32)
     name = mt.replace_moe_blocks(model)[0]

@@ -135,6 +135,9 @@ def unregister(name: str = NAME) -> None:
 # block class -> (router kind, block kind). Router kinds:
 #   "mixtral": softmax(fp32) -> topk -> always renormalised, weights stay fp32 (MixtralTopKRouter)
 #   "qwen":    softmax(fp32) -> topk -> renormalised iff norm_topk_prob, weights cast to the logits' dtype
+#   "qwen_norm": as "qwen", always renormalised (Qwen3.5-MoE's router has no norm_topk_prob)
+#   "sigmoid_bias": fp32 sigmoid of the logits, selection by score + the block's e_score_correction_bias
+#              (passed to the router), weights = the unbiased scores renormalised (MiniMaxM2TopKRouter)
 #   "sigmoid_group": fp32 logits, sigmoid, + e_score_correction_bias for selection, group-limited
 #              (sum of top-2 per group), weights = unbiased scores (/ (sum + 1e-20) iff norm_topk_prob)
 #              x routed_scaling_factor (DeepseekV3TopkRouter)
@@ -144,7 +147,8 @@ def unregister(name: str = NAME) -> None:
 #   "gpt_oss": logits = x @ W^T + b, top-k of the logits, softmax over those k in the logits' dtype
 #              (GptOssTopKRouter)
 # Block kinds: "plain" (Qwen3/OLMoE/GPT-OSS), "mixtral" (in-place jitter before the gate), "qwen2" (sigmoid-gated
-# shared expert), "deepseek" (ungated shared_experts added: DeepSeek-V2 and V3).
+# shared expert: Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE), "deepseek" (ungated shared_experts added: DeepSeek-V2
+# and V3, GLM-4.5, dots.llm1), "minimax" (Mixtral's jitter; the block holds the selection bias).
 SUPPORTED_BLOCKS = {
     "MixtralSparseMoeBlock": ("mixtral", "mixtral"),
     "Qwen2MoeSparseMoeBlock": ("qwen", "qwen2"),
@@ -153,6 +157,11 @@ SUPPORTED_BLOCKS = {
     "DeepseekV2Moe": ("softmax_group", "deepseek"),
     "DeepseekV3MoE": ("sigmoid_group", "deepseek"),
     "GptOssMLP": ("gpt_oss", "plain"),
+    "Qwen3NextSparseMoeBlock": ("qwen", "qwen2"),
+    "Qwen3_5MoeSparseMoeBlock": ("qwen_norm", "qwen2"),
+    "Glm4MoeMoE": ("sigmoid_group", "deepseek"),
+    "Dots1MoE": ("sigmoid_group", "deepseek"),
+    "MiniMaxM2SparseMoeBlock": ("sigmoid_bias", "minimax"),
 }
 
 
@@ -192,11 +201,16 @@ class _MoeExtRouterMixin:
     _moe_ext_kind = "qwen"
     _moe_ext_group_fill = float("-inf")
 
-    def forward(self, hidden_states: Tensor):
+    def forward(self, hidden_states: Tensor, e_score_correction_bias: Optional[Tensor] = None):
         E, H = self.weight.shape
         k = self.top_k
         x = hidden_states.reshape(-1, H)
         kind = self._moe_ext_kind
+        if kind == "sigmoid_bias":
+            logits = F.linear(x.to(self.weight.dtype), self.weight)
+            g = MF.topk_gating(logits.float(), k, score_func="sigmoid", renormalize=True,
+                               expert_bias=e_score_correction_bias)
+            return logits, g.weights, g.expert_ids
         if kind == "sigmoid_group":
             logits = F.linear(x.float(), self.weight.float())
             n_group = getattr(self, "num_group", None) or getattr(self, "n_group", 1)
@@ -230,7 +244,7 @@ class _MoeExtRouterMixin:
             g = MF.topk_gating(logits.float(), k, order="topk_softmax", renormalize=False)
             return logits, g.weights.to(logits.dtype), g.expert_ids
         logits = F.linear(x, self.weight)
-        renorm = True if kind == "mixtral" else bool(getattr(self, "norm_topk_prob", False))
+        renorm = kind in ("mixtral", "qwen_norm") or bool(getattr(self, "norm_topk_prob", False))
         g = MF.topk_gating(logits.float(), k, renormalize=renorm)
         w = g.weights if kind == "mixtral" else g.weights.to(logits.dtype)
         return logits, w, g.expert_ids
@@ -279,6 +293,9 @@ class MoEBlock(nn.Module):
                (/ (sum + 1e-20) iff norm_topk_prob) x routed_scaling_factor; + shared_experts(x).
       GPT-OSS: logits with the router's bias, top-k of the logits, softmax over them in the logits' dtype;
                the experts' clamped, interleaved SwiGLU runs as moe_ext's "swigluoai".
+      Qwen3-Next, Qwen3.5-MoE: as Qwen2-MoE (Qwen3.5 always renormalises); GLM-4.5, dots.llm1: as
+               DeepSeek-V3; MiniMax-M2: Mixtral's jitter, fp32 sigmoid, selection by score + the block's
+               e_score_correction_bias, the unbiased scores renormalised.
     Routed outputs are accumulated in fp32 (unpermute) and rounded once to the hidden dtype. Returns what
     the original block returns (a tensor in transformers 5.x, (hidden, router_scores [T, k]) for GPT-OSS;
     (hidden, router_logits) when the installed block returned that pair). .last_stats holds tokens_per_expert [E] of the last forward.
@@ -298,17 +315,22 @@ class MoEBlock(nn.Module):
         for name in ("shared_expert", "shared_expert_gate", "shared_experts"):
             if getattr(block, name, None) is not None:
                 setattr(self, name, getattr(block, name))
+        if block_kind == "minimax":  # the same tensor, under the block's state_dict key
+            self.register_buffer("e_score_correction_bias", block.e_score_correction_bias)
         if hasattr(block, "config"):
             self.config = block.config
         self.last_stats: dict = {}
 
     def forward(self, hidden_states: Tensor):
         shape = hidden_states.shape
-        if self.block_kind == "mixtral" and self.training and self.jitter_noise > 0:
+        if self.block_kind in ("mixtral", "minimax") and self.training and self.jitter_noise > 0:
             hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x = hidden_states.reshape(-1, shape[-1])
         router = getattr(self, self.router_name)
-        logits, weights, ids = router(x)
+        if self.block_kind == "minimax":
+            logits, weights, ids = router(x, self.e_score_correction_bias)
+        else:
+            logits, weights, ids = router(x)
         y = moe_ext_experts_forward(self.experts, x, ids, weights)
         with torch.no_grad():
             E = router.weight.shape[0]
