@@ -446,6 +446,10 @@ def _block_families():
             n_group=4, topk_group=2, routed_scaling_factor=2.5)),
         "minimax_m2": ("minimax_m2", "MiniMaxM2SparseMoeBlock", lambda: C.MiniMaxM2Config(
             **common, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, router_jitter_noise=0.1)),
+        "llama4": ("llama4", "Llama4TextMoe", lambda: C.Llama4TextConfig(
+            **common, intermediate_size=16, intermediate_size_mlp=24, num_local_experts=4, num_experts_per_tok=1)),
+        "llama4_top2": ("llama4", "Llama4TextMoe", lambda: C.Llama4TextConfig(
+            **common, intermediate_size=16, intermediate_size_mlp=24, num_local_experts=5, num_experts_per_tok=2)),
     }
 
 
@@ -466,7 +470,8 @@ def test_replace_block_matches_the_block(family, train):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in block.named_parameters():  # as _randomize: decisive routing, moderate experts
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.5 if name == "gate.weight" else 0.2))
+            router = name in ("gate.weight", "router.weight")
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.5 if router else 0.2))
         for name, b in block.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.3)
@@ -485,11 +490,14 @@ def test_replace_block_matches_the_block(family, train):
         m.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
         torch.manual_seed(7)
-        y = m(xi.clone())  # a copy: MiniMax-M2's jitter scales its input in place
-        y = y[0] if isinstance(y, tuple) else y
-        y.backward(gy)
-        results.append((y.detach(), xi.grad, {n: p.grad for n, p in m.named_parameters()}))
-    (y_ref, gx_ref, gp_ref), (y, gx, gp) = results
+        out = m(xi.clone())  # a copy: MiniMax-M2's jitter scales its input in place
+        y, second = out if isinstance(out, tuple) else (out, None)  # Llama 4: ([T, H], router_logits)
+        y.backward(gy.reshape(y.shape))
+        results.append((y.detach(), xi.grad, {n: p.grad for n, p in m.named_parameters()}, second))
+    (y_ref, gx_ref, gp_ref, second_ref), (y, gx, gp, second) = results
+    assert (second is None) == (second_ref is None)
+    if second is not None:
+        torch.testing.assert_close(second.detach(), second_ref.detach(), atol=1e-12, rtol=1e-10)
 
     def close(a, b, what):  # fp32 routing (both sides): its rounding, relative to the tensor's scale
         torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5, msg=lambda m: f"{what}: {m}")
@@ -501,6 +509,21 @@ def test_replace_block_matches_the_block(family, train):
             assert gp[n] is None, n
         else:
             close(gp[n], gp_ref[n], n)
+
+
+def test_llama4_model_replaced_matches_eager():
+    """A whole tiny Llama 4 (every layer a MoE block): logits and every gradient against eager, float64."""
+    cfg = transformers.Llama4TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=16,
+                                        intermediate_size_mlp=24, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+                                        interleave_moe_layer_step=1, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double()
+    _randomize(ref)
+    ours = copy.deepcopy(ref)
+    assert len(mt.replace_moe_blocks(ours)) == 2
+    ids = _ids()
+    _compare(_run(ours, ids), _run(ref, ids), REPLACE_TOL)
 
 
 def test_update_expert_bias_on_replaced_minimax_block():

@@ -36,18 +36,24 @@ NAME = "moe_ext"
 # ----------------------------------------------------------------------------------------------------
 # 1. The experts implementation
 # ----------------------------------------------------------------------------------------------------
+def _is_plain_silu(act) -> bool:
+    """act is transformers' or torch's SiLU module, unhooked and not patched."""
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:
+        return False
+    return (type(act) in (SiLUActivation, nn.SiLU) and not act._forward_hooks and not act._forward_pre_hooks
+            and type(act).forward in (SiLUActivation.forward, nn.SiLU.forward) and "forward" not in act.__dict__)
+
+
 def _silu_and_mul_applies(module: nn.Module) -> bool:
     """True when module's gate is exactly transformers' default (act_fn(gate) * up, concatenated) with SiLU."""
     try:
-        from transformers.activations import SiLUActivation
         from transformers.integrations.moe import _default_apply_gate
     except ImportError:
         return False
-    act = getattr(module, "act_fn", None)
     return (getattr(type(module), "_apply_gate", None) is _default_apply_gate
-            and getattr(module, "is_concatenated", True)
-            and type(act) in (SiLUActivation, nn.SiLU) and not act._forward_hooks and not act._forward_pre_hooks
-            and type(act).forward in (SiLUActivation.forward, nn.SiLU.forward) and "forward" not in act.__dict__)
+            and getattr(module, "is_concatenated", True) and _is_plain_silu(getattr(module, "act_fn", None)))
 
 
 def _swigluoai_applies(module: nn.Module) -> bool:
@@ -146,9 +152,12 @@ def unregister(name: str = NAME) -> None:
 #              renormalised (DeepseekV2TopkRouter)
 #   "gpt_oss": logits = x @ W^T + b, top-k of the logits, softmax over those k in the logits' dtype
 #              (GptOssTopKRouter)
+#   "llama4":  top-k of the logits, weights = sigmoid of those logits (fp32, cast to the logits' dtype)
+#              (Llama4Router; its forward keeps returning the dense scores [T, E] and the logits)
 # Block kinds: "plain" (Qwen3/OLMoE/GPT-OSS), "mixtral" (in-place jitter before the gate), "qwen2" (sigmoid-gated
 # shared expert: Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE), "deepseek" (ungated shared_experts added: DeepSeek-V2
-# and V3, GLM-4.5, dots.llm1), "minimax" (Mixtral's jitter; the block holds the selection bias).
+# and V3, GLM-4.5, dots.llm1), "minimax" (Mixtral's jitter; the block holds the selection bias), "llama4" (the
+# weight scales each expert's input; a shared expert added; returns ([T, H], router_logits)).
 SUPPORTED_BLOCKS = {
     "MixtralSparseMoeBlock": ("mixtral", "mixtral"),
     "Qwen2MoeSparseMoeBlock": ("qwen", "qwen2"),
@@ -162,6 +171,7 @@ SUPPORTED_BLOCKS = {
     "Glm4MoeMoE": ("sigmoid_group", "deepseek"),
     "Dots1MoE": ("sigmoid_group", "deepseek"),
     "MiniMaxM2SparseMoeBlock": ("sigmoid_bias", "minimax"),
+    "Llama4TextMoe": ("llama4", "llama4"),
 }
 
 
@@ -239,6 +249,9 @@ class _MoeExtRouterMixin:
                                topk_groups=self.topk_group if n_group > 1 else 1,
                                routed_scaling=float(getattr(self, "routed_scaling_factor", 1.0)), group_score="max")
             return logits, g.weights, g.expert_ids
+        if kind == "llama4":
+            logits, w, ids = self._moe_ext_route(x)
+            return torch.zeros_like(logits).scatter_(1, ids.long(), w), logits
         if kind == "gpt_oss":
             logits = F.linear(x, self.weight, self.bias)
             g = MF.topk_gating(logits.float(), k, order="topk_softmax", renormalize=False)
@@ -250,7 +263,28 @@ class _MoeExtRouterMixin:
         return logits, w, g.expert_ids
 
 
+    def _moe_ext_route(self, x: Tensor):
+        """Llama 4: (logits, weights [T, k] in the logits' dtype, ids [T, k])."""
+        logits = F.linear(x, self.weight, self.bias)
+        g = MF.topk_gating(logits.float(), self.top_k, score_func="sigmoid", renormalize=False)
+        return logits, g.weights.to(logits.dtype), g.expert_ids
+
+
 _ROUTER_CLASSES = {}
+
+
+def _llama4_experts(experts: nn.Module, x: Tensor, ids: Tensor) -> Tensor:
+    """Llama4TextExperts on the slots ids [T, 1]: gate_up_proj [E, H, 2F] ([gate | up]), down_proj [E, F, H],
+    no biases. transformers runs every expert on every token (the unchosen ones on zero inputs); this runs
+    each token through its chosen expert only."""
+    x_sorted, offsets, row_map = MF.permute(x, ids, experts.gate_up_proj.shape[0])
+    h = MF.grouped_gemm(x_sorted, experts.gate_up_proj, offsets)
+    if _is_plain_silu(experts.act_fn):
+        h = MF.apply_activation(h, "silu")
+    else:
+        gate, up = h.chunk(2, dim=-1)
+        h = up * experts.act_fn(gate)
+    return MF.unpermute(MF.grouped_gemm(h, experts.down_proj, offsets), row_map, None)
 
 
 def _moe_ext_router(router: nn.Module, kind: str) -> nn.Module:
@@ -296,6 +330,9 @@ class MoEBlock(nn.Module):
       Qwen3-Next, Qwen3.5-MoE: as Qwen2-MoE (Qwen3.5 always renormalises); GLM-4.5, dots.llm1: as
                DeepSeek-V3; MiniMax-M2: Mixtral's jitter, fp32 sigmoid, selection by score + the block's
                e_score_correction_bias, the unbiased scores renormalised.
+      Llama 4: top-k of the logits, weight = their sigmoid (fp32, then the logits' dtype), which scales the
+               expert's input; + shared_expert(x). transformers runs all E experts on every token; this
+               runs the chosen ones. Returns ([T, H], router_logits) as the installed block.
     Routed outputs are accumulated in fp32 (unpermute) and rounded once to the hidden dtype. Returns what
     the original block returns (a tensor in transformers 5.x, (hidden, router_scores [T, k]) for GPT-OSS;
     (hidden, router_logits) when the installed block returned that pair). .last_stats holds tokens_per_expert [E] of the last forward.
@@ -329,9 +366,16 @@ class MoEBlock(nn.Module):
         router = getattr(self, self.router_name)
         if self.block_kind == "minimax":
             logits, weights, ids = router(x, self.e_score_correction_bias)
+        elif self.block_kind == "llama4":
+            logits, weights, ids = router._moe_ext_route(x)
         else:
             logits, weights, ids = router(x)
-        y = moe_ext_experts_forward(self.experts, x, ids, weights)
+        if self.block_kind == "llama4":  # each choice scales its expert's input: one top-1 pass per choice
+            y = self.shared_expert(x)
+            for j in range(ids.shape[1]):
+                y = y + _llama4_experts(self.experts, x * weights[:, j:j + 1], ids[:, j:j + 1]).to(y.dtype)
+        else:
+            y = moe_ext_experts_forward(self.experts, x, ids, weights)
         with torch.no_grad():
             E = router.weight.shape[0]
             self.last_stats = {"tokens_per_expert": torch.zeros(E, dtype=torch.int64, device=ids.device)
@@ -340,7 +384,8 @@ class MoEBlock(nn.Module):
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         elif self.block_kind == "deepseek":
             y = y.view(shape) + self.shared_experts(hidden_states)
-        y = y.reshape(shape)
+        if self.block_kind != "llama4":  # Llama 4's block returns the flattened [T, H]
+            y = y.reshape(shape)
         if self.returns == "router_logits":
             return y, logits
         return (y, weights) if self.returns == "router_scores" else y
