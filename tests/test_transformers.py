@@ -362,7 +362,8 @@ def test_gpt_oss_fused_gate_and_clamps_match_eager():
     _compare(_run(ours, ids), _run(ref, ids), dict(atol=1e-12, rtol=1e-10))
 
 
-def test_gpt_oss_replaced_block_returns_what_transformers_returns():
+def _gpt_oss_block(gate_up_bias_scale=1.0):
+    """A float64 GptOssMLP of the tiny config, parameters N(0, 0.5^2) (the experts' gate_up bias scaled)."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
     cfg = CONFIGS["gpt_oss"]()
     torch.manual_seed(0)
@@ -370,6 +371,12 @@ def test_gpt_oss_replaced_block_returns_what_transformers_returns():
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.5)
+        block.experts.gate_up_proj_bias.mul_(gate_up_bias_scale)
+    return block, cfg
+
+
+def test_gpt_oss_replaced_block_returns_what_transformers_returns():
+    block, cfg = _gpt_oss_block()
     wrapper = torch.nn.Module()
     wrapper.mlp = orig = copy.deepcopy(block)
     assert mt.replace_moe_blocks(wrapper) == ["mlp"]
@@ -387,14 +394,7 @@ def test_gpt_oss_replaced_block_returns_what_transformers_returns():
 def test_gpt_oss_preset_is_the_transformers_block():
     """moe_ext.presets.gpt_oss with GptOssMLP's weights (w1 = gate_up_proj^T, interleaved rows; the router's
     bias) computes the block's output and gradients."""
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
-    cfg = CONFIGS["gpt_oss"]()
-    torch.manual_seed(0)
-    block = GptOssMLP(cfg).double()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.5)
-        block.experts.gate_up_proj_bias.mul_(16)  # past the clamp limits
+    block, cfg = _gpt_oss_block(gate_up_bias_scale=16.0)  # past the clamp limits
     H, E, k = cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok
     layer = moe_ext.presets.gpt_oss(d_model=H, d_ff=cfg.intermediate_size, num_experts=E, top_k=k,
                                     dtype=torch.float64)
