@@ -446,6 +446,14 @@ def _block_families():
             n_group=4, topk_group=2, routed_scaling_factor=2.5)),
         "minimax_m2": ("minimax_m2", "MiniMaxM2SparseMoeBlock", lambda: C.MiniMaxM2Config(
             **common, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, router_jitter_noise=0.1)),
+        # three of the blocks mt.SAME_CODE_AS and the Qwen3-VL entry add, run as well as compared by source
+        "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", lambda: C.Qwen3VLMoeTextConfig(
+            **common, moe_intermediate_size=16, num_experts=6, num_experts_per_tok=3)),
+        "minimax": ("minimax", "MiniMaxSparseMoeBlock", lambda: C.MiniMaxConfig(
+            **common, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, router_jitter_noise=0.1)),
+        "deepseek_v32": ("deepseek_v32", "DeepseekV32MoE", lambda: C.DeepseekV32Config(
+            **common, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+            n_group=4, topk_group=2, routed_scaling_factor=2.5)),
         "llama4": ("llama4", "Llama4TextMoe", lambda: C.Llama4TextConfig(
             **common, intermediate_size=16, intermediate_size_mlp=24, num_local_experts=4, num_experts_per_tok=1)),
         "llama4_top2": ("llama4", "Llama4TextMoe", lambda: C.Llama4TextConfig(
@@ -524,6 +532,46 @@ def test_llama4_model_replaced_matches_eager():
     assert len(mt.replace_moe_blocks(ours)) == 2
     ids = _ids()
     _compare(_run(ours, ids), _run(ref, ids), REPLACE_TOL)
+
+
+# The module of each block in mt.SAME_CODE_AS and of the blocks they name.
+_BLOCK_MODULES = {
+    "MixtralSparseMoeBlock": "mixtral", "OlmoeSparseMoeBlock": "olmoe", "Qwen3MoeSparseMoeBlock": "qwen3_moe",
+    "Qwen3NextSparseMoeBlock": "qwen3_next", "DeepseekV2Moe": "deepseek_v2", "DeepseekV3MoE": "deepseek_v3",
+    "Glm4MoeMoE": "glm4_moe", "MiniMaxSparseMoeBlock": "minimax", "FlexOlmoSparseMoeBlock": "flex_olmo",
+    "MellumSparseMoeBlock": "mellum", "Qwen3OmniMoeThinkerTextSparseMoeBlock": "qwen3_omni_moe",
+    "Qwen4ExpTextSparseMoeBlock": "qwen4_exp", "DeepseekOcr2TextMoe": "deepseek_ocr2",
+    "Glm5NextTextMoE": "glm5_next", "KimiLinearMoE": "kimi_linear", "DeepseekV32MoE": "deepseek_v32",
+    "Glm4MoeLiteMoE": "glm4_moe_lite", "Glm4vMoeTextMoE": "glm4v_moe", "GlmMoeDsaMoE": "glm_moe_dsa",
+    "HYV4MoE": "hy_v4", "SolarOpenMoE": "solar_open",
+}
+
+
+def _block_code(name):
+    """The block's forward and __init__ and its router class's, without comments and docstrings and with the
+    model prefix of its helper classes (XConfig, XMLP, XExperts, XTopkRouter, ...) removed."""
+    import importlib
+    import inspect
+    import re
+    mod = importlib.import_module(f"transformers.models.{_BLOCK_MODULES[name]}.modeling_{_BLOCK_MODULES[name]}")
+    cls = getattr(mod, name)
+
+    def norm(fn):
+        src = re.sub(r'"""[\s\S]*?"""', "", re.sub(r"#.*", "", inspect.getsource(fn)))
+        src = re.sub(r"\b[A-Z]\w*?(Config|RMSNorm|MLP|Experts|Router|TopkRouter|TopKRouter)\b", r"X\1", src)
+        return re.sub(r"\s+", " ", src).strip()
+    router = re.search(r"self\.(?:gate|router) = (\w+)\(", inspect.getsource(cls.__init__)).group(1)
+    rcls = getattr(mod, router)
+    return [norm(cls.forward), norm(cls.__init__), norm(rcls.forward), norm(rcls.__init__)]
+
+
+@pytest.mark.parametrize("name", sorted(mt.SAME_CODE_AS))
+def test_same_code_blocks_match_their_model(name):
+    """Each block replace_moe_blocks handles as another family's is that family's code, in the installed
+    transformers (a change there fails here instead of silently changing the maths)."""
+    same = mt.SAME_CODE_AS[name]
+    assert mt.SUPPORTED_BLOCKS[name] == mt.SUPPORTED_BLOCKS[same]
+    assert _block_code(name) == _block_code(same)
 
 
 def test_update_expert_bias_on_replaced_minimax_block():

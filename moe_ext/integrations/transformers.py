@@ -173,6 +173,27 @@ SUPPORTED_BLOCKS = {
     "MiniMaxM2SparseMoeBlock": ("sigmoid_bias", "minimax"),
     "Llama4TextMoe": ("llama4", "llama4"),
 }
+# Blocks whose code (block and router, class names aside) is that of a block above in transformers 5.18:
+# the same kinds. tests/test_transformers.py checks that the installed sources still match.
+SAME_CODE_AS = {
+    "MiniMaxSparseMoeBlock": "MixtralSparseMoeBlock",
+    "FlexOlmoSparseMoeBlock": "OlmoeSparseMoeBlock",
+    "MellumSparseMoeBlock": "Qwen3MoeSparseMoeBlock",
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": "Qwen3MoeSparseMoeBlock",
+    "Qwen4ExpTextSparseMoeBlock": "Qwen3NextSparseMoeBlock",
+    "DeepseekOcr2TextMoe": "DeepseekV2Moe",
+    "Glm5NextTextMoE": "DeepseekV3MoE",
+    "KimiLinearMoE": "DeepseekV3MoE",
+    "DeepseekV32MoE": "Glm4MoeMoE",
+    "Glm4MoeLiteMoE": "Glm4MoeMoE",
+    "Glm4vMoeTextMoE": "Glm4MoeMoE",
+    "GlmMoeDsaMoE": "Glm4MoeMoE",
+    "HYV4MoE": "Glm4MoeMoE",
+    "SolarOpenMoE": "Glm4MoeMoE",
+}
+SUPPORTED_BLOCKS.update({name: SUPPORTED_BLOCKS[same] for name, same in SAME_CODE_AS.items()})
+# Qwen3-VL-MoE's text block: Qwen3-MoE's block (no shared expert) with Qwen3.5-MoE's always-renormalising router.
+SUPPORTED_BLOCKS["Qwen3VLMoeTextSparseMoeBlock"] = ("qwen_norm", "plain")
 
 
 def _group_fill_of(router_cls) -> float:
