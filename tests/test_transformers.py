@@ -599,6 +599,105 @@ def test_same_code_blocks_match_their_model(name):
     assert _block_code(name) == _block_code(same)
 
 
+def _first_block(family):
+    """The first sparse MoE block of a tiny float64 model of CONFIGS[family] (randomized)."""
+    model = _build(family, "eager", torch.float64)
+    return next(m for m in model.modules() if type(m).__name__ in mt.SUPPORTED_BLOCKS)
+
+
+def _family_block(family):
+    """A float64 block of a whole-model family (CONFIGS) or of a block family (BLOCK_FAMILIES)."""
+    if family in CONFIGS:
+        return _first_block(family)
+    import importlib
+    module, cls_name, make_cfg = BLOCK_FAMILIES[family]
+    torch.manual_seed(0)
+    block = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls_name)(make_cfg())
+    block = block.double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.5 if name == "gate.weight" else 0.2))
+        for name, b in block.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.3)
+    return block
+
+
+LAYER_FAMILIES = [f for f in list(CONFIGS) + list(BLOCK_FAMILIES) if not f.startswith("llama4")]
+
+
+@pytest.mark.parametrize("family", LAYER_FAMILIES)
+def test_to_moe_layer_matches_the_block(family):
+    """to_moe_layer(block) computes the block (eval, float64): output, d x and every parameter's gradient,
+    through the Parameters it shares and the shared expert / transposed weights it copies."""
+    block = _family_block(family).eval()
+    layer = mt.to_moe_layer(block)
+    assert isinstance(layer, moe_ext.MoELayer) and layer.router.weight is next(
+        p for n, p in block.named_parameters() if n.endswith(("gate.weight", "router.weight")))
+    H = layer.router.weight.shape[1]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 9, H, generator=g, dtype=torch.float64)
+    gy = torch.randn(2, 9, H, generator=g, dtype=torch.float64)
+
+    def run(m):
+        block.zero_grad(set_to_none=True), layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        y = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+        y.backward(gy)
+        return y.detach(), xi.grad
+    y_ref, gx_ref = run(block)
+    ref = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    y, gx = run(layer)
+
+    def close(a, b, what):  # fp32 routing in transformers, float64 in the layer
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5, msg=lambda m: f"{what}: {m}")
+    close(y, y_ref, "output")
+    close(gx, gx_ref, "d x")
+    by_id = {id(p): n for n, p in block.named_parameters()}
+    grads = dict(ref)
+    for name, p in layer.named_parameters():
+        if id(p) in by_id:  # shared
+            close(p.grad, grads.pop(by_id[id(p)]), name)
+    mlp = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    if mlp is not None:
+        prefix = "shared_expert." if hasattr(block, "shared_expert") else "shared_experts."
+        close(layer.shared_experts.w1.grad[0],
+              torch.cat([grads.pop(prefix + "gate_proj.weight"), grads.pop(prefix + "up_proj.weight")]), "shared w1")
+        close(layer.shared_experts.w2.grad[0], grads.pop(prefix + "down_proj.weight"), "shared w2")
+    if getattr(block.experts, "is_transposed", False):
+        close(layer.experts.w1.grad, grads.pop("experts.gate_up_proj").transpose(1, 2), "w1 (transposed)")
+        close(layer.experts.w2.grad, grads.pop("experts.down_proj").transpose(1, 2), "w2 (transposed)")
+    assert not grads, f"gradients not compared: {sorted(grads)}"
+
+
+def test_to_moe_layer_refuses_what_it_cannot_express():
+    with pytest.raises(ValueError, match=r"Llama 4 scales each expert's input by its routing weight"):
+        mt.to_moe_layer(_family_block("llama4"))
+    with pytest.raises(ValueError, match=r"unsupported block class Linear"):
+        mt.to_moe_layer(torch.nn.Linear(2, 2))
+    block = _family_block("gpt_oss")
+    block.experts.limit = 5.0  # not moe_ext's swigluoai any more
+    with pytest.raises(ValueError, match=r"the experts' gate is neither SiLU-and-multiply nor GPT-OSS's"):
+        mt.to_moe_layer(block)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_offload_moe_blocks_matches_eager(family):
+    """A whole tiny model with every block's experts offloaded (2 of them cached per layer): eager's logits."""
+    ref = _build(family, "eager", torch.float64).eval()
+    ours = copy.deepcopy(ref)
+    names = mt.offload_moe_blocks(ours, cache_experts=2, device="cpu")
+    assert names and all(isinstance(ours.get_submodule(n), mt.OffloadedBlock) for n in names)
+    ids = _ids()
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, ref(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
+    stats = ours.get_submodule(names[0]).offloaded.stats()
+    assert stats["misses"] > 0 and stats["forwards"] == 1
+
+
 def test_update_expert_bias_on_replaced_minimax_block():
     from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2SparseMoeBlock
     wrapper = torch.nn.Module()

@@ -16,6 +16,9 @@ Two ways in (docs/transformers.md):
    that keeps the block's own submodules and Parameters (no copies, the same state_dict keys) and runs
    routing with moe_ext.topk_gating and the experts with moe_ext's ops, with the installed version's
    exact semantics (see MoEBlock).
+
+3. to_moe_layer(block) / offload_moe_blocks(model, cache_experts=N) (transformers_layers.py): a block as a
+   moe_ext.MoELayer, and every block's experts offloaded to host memory with N cached on the device.
 """
 import inspect
 import re
@@ -28,7 +31,8 @@ from torch import Tensor, nn
 
 from .. import functional as MF
 
-__all__ = ["register", "unregister", "moe_ext_experts_forward", "replace_moe_blocks", "MoEBlock", "SUPPORTED_BLOCKS"]
+__all__ = ["register", "unregister", "moe_ext_experts_forward", "replace_moe_blocks", "MoEBlock", "SUPPORTED_BLOCKS",
+           "SAME_CODE_AS", "to_moe_layer", "offload_moe_blocks", "OffloadedBlock"]
 
 NAME = "moe_ext"
 
@@ -447,3 +451,7 @@ def replace_moe_blocks(model: nn.Module, classes=None) -> list:
         setattr(parent, child, new)
         replaced.append(name)
     return replaced
+
+
+# 3. As MoELayers, and offloaded (transformers_layers.py; imported last: it reads the tables above).
+from .transformers_layers import OffloadedBlock, offload_moe_blocks, to_moe_layer  # noqa: E402,F401
