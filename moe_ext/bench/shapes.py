@@ -32,7 +32,8 @@ MODELS = {
 }
 FULL_NAMES = {"mixtral": "Mixtral-8x7B", "qwen3": "Qwen3-30B-A3B", "dsv2": "DeepSeek-V2", "dsv3": "DeepSeek-V3",
               "gpt_oss": "gpt-oss-120b", "seed": "seed 8x top-2", "tiny": "tiny", "tiny_ds": "tiny (DSv3 gating)"}
-CPU_SCALE = {"mixtral": 8, "qwen3": 8, "dsv2": 16, "dsv3": 16, "gpt_oss": 16}  # the CPU divides H and F of the real models by this
+# the CPU divides H and F of the real models by this
+CPU_SCALE = {"mixtral": 8, "qwen3": 8, "dsv2": 16, "dsv3": 16, "gpt_oss": 16}
 SUITES = ("gating", "permute", "unpermute", "activation", "grouped_gemm", "layer")
 
 
