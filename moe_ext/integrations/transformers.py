@@ -287,7 +287,6 @@ class _MoeExtRouterMixin:
         w = g.weights if kind == "mixtral" else g.weights.to(logits.dtype)
         return logits, w, g.expert_ids
 
-
     def _moe_ext_route(self, x: Tensor):
         """Llama 4: (logits, weights [T, k] in the logits' dtype, ids [T, k])."""
         logits = F.linear(x, self.weight, self.bias)
@@ -334,10 +333,9 @@ def _moe_ext_router(router: nn.Module, kind: str) -> nn.Module:
 
 class MoEBlock(nn.Module):
     """A transformers sparse MoE block run by moe_ext, holding the original block's submodules (so its
-    Parameters and state_dict keys are the model's own): .gate (.router for GPT-OSS; moe_ext router, see
-    _MoeExtRouterMixin),
-    .experts (the model's experts module, run through moe_ext_experts_forward whatever the model's
-    experts_implementation), and .shared_expert/.shared_expert_gate (Qwen2-MoE) or .shared_experts
+    Parameters and state_dict keys are the model's own): .gate (.router for GPT-OSS and Llama 4; the moe_ext
+    router, see _MoeExtRouterMixin), .experts (the model's experts module, run through moe_ext_experts_forward
+    whatever the model's experts_implementation), and .shared_expert/.shared_expert_gate (Qwen2-MoE) or .shared_experts
     (DeepSeek-V3). Semantics follow the installed transformers version:
       Mixtral: in-place multiplicative jitter U(1-eps, 1+eps) of the block input in training (same RNG
                draw as transformers), softmax in fp32, top-k, always renormalised, fp32 weights.
@@ -360,7 +358,8 @@ class MoEBlock(nn.Module):
                runs the chosen ones. Returns ([T, H], router_logits) as the installed block.
     Routed outputs are accumulated in fp32 (unpermute) and rounded once to the hidden dtype. Returns what
     the original block returns (a tensor in transformers 5.x, (hidden, router_scores [T, k]) for GPT-OSS;
-    (hidden, router_logits) when the installed block returned that pair). .last_stats holds tokens_per_expert [E] of the last forward.
+    (hidden, router_logits) when the installed block returned that pair). .last_stats holds tokens_per_expert
+    [E] of the last forward.
     """
 
     def __init__(self, block: nn.Module, router_kind: str, block_kind: str, returns: Optional[str] = None):
@@ -389,17 +388,14 @@ class MoEBlock(nn.Module):
             hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         x = hidden_states.reshape(-1, shape[-1])
         router = getattr(self, self.router_name)
-        if self.block_kind == "minimax":
-            logits, weights, ids = router(x, self.e_score_correction_bias)
-        elif self.block_kind == "llama4":
-            logits, weights, ids = router._moe_ext_route(x)
-        else:
-            logits, weights, ids = router(x)
         if self.block_kind == "llama4":  # each choice scales its expert's input: one top-1 pass per choice
+            logits, weights, ids = router._moe_ext_route(x)
             y = self.shared_expert(x)
             for j in range(ids.shape[1]):
                 y = y + _llama4_experts(self.experts, x * weights[:, j:j + 1], ids[:, j:j + 1]).to(y.dtype)
         else:
+            bias = (self.e_score_correction_bias,) if self.block_kind == "minimax" else ()
+            logits, weights, ids = router(x, *bias)
             y = moe_ext_experts_forward(self.experts, x, ids, weights)
         with torch.no_grad():
             E = router.weight.shape[0]
