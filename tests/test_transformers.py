@@ -672,6 +672,20 @@ def test_to_moe_layer_matches_the_block(family):
     assert not grads, f"gradients not compared: {sorted(grads)}"
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "minimax_m2", "gpt_oss"])
+def test_to_moe_layer_of_a_replaced_block(family):
+    """A block already swapped by replace_moe_blocks converts as the original does (same parameters)."""
+    block = _family_block(family).eval()
+    wrapper = torch.nn.Module()
+    wrapper.mlp = block
+    mt.replace_moe_blocks(wrapper)
+    a, b = mt.to_moe_layer(block), mt.to_moe_layer(wrapper.mlp)
+    assert a.router.weight is b.router.weight
+    x = torch.randn(3, 4, a.router.weight.shape[1], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), atol=0, rtol=0)
+
+
 def test_to_moe_layer_refuses_what_it_cannot_express():
     with pytest.raises(ValueError, match=r"Llama 4 scales each expert's input by its routing weight"):
         mt.to_moe_layer(_family_block("llama4"))
@@ -696,6 +710,35 @@ def test_offload_moe_blocks_matches_eager(family):
     torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
     stats = ours.get_submodule(names[0]).offloaded.stats()
     assert stats["misses"] > 0 and stats["forwards"] == 1
+
+
+def _ep_block_worker(rank, world, family):
+    """Rank `rank` of an expert-parallel to_moe_layer(block): its own tokens against the block itself."""
+    from moe_ext.parallel import shard_experts
+    block = _family_block(family).eval()
+    ep = shard_experts(mt.to_moe_layer(block))
+    H = ep.router.weight.shape[1]
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(1, 5 + 4 * rank, H, generator=g, dtype=torch.float64)
+    gy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    xr, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = block(xr)
+    y_ref = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+    (y_ref * gy).sum().backward()
+    y = ep(xe)
+    (y * gy).sum().backward()
+    for a, b, what in ((y, y_ref, "output"), (xe.grad, xr.grad, "d x")):
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5, msg=lambda m: f"{what}: {m}")
+    return ep.local_expert_ids
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "gpt_oss"])
+def test_to_moe_layer_expert_parallel(family):
+    """moe_ext.parallel.shard_experts(to_moe_layer(block)) on 2 gloo ranks, each with its own tokens: the
+    block's output and input gradient (experts split between the ranks)."""
+    from moe_ext._dist_launch import launch
+    ranges = launch(_ep_block_worker, 2, family, timeout_s=150)
+    assert ranges[0] and ranges[1] and not set(ranges[0]) & set(ranges[1])
 
 
 def test_update_expert_bias_on_replaced_minimax_block():
