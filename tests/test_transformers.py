@@ -454,6 +454,10 @@ def _block_families():
         "deepseek_v32": ("deepseek_v32", "DeepseekV32MoE", lambda: C.DeepseekV32Config(
             **common, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
             n_group=4, topk_group=2, routed_scaling_factor=2.5)),
+        "granitemoe": ("granitemoe", "GraniteMoeMoE", lambda: C.GraniteMoeConfig(
+            **common, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2)),
+        "granitemoe_swa": ("granitemoe_swa", "GraniteMoeSWAMoE", lambda: C.GraniteMoeSWAConfig(
+            **common, intermediate_size=16, num_local_experts=6, num_experts_per_tok=3)),
         "llama4": ("llama4", "Llama4TextMoe", lambda: C.Llama4TextConfig(
             **common, intermediate_size=16, intermediate_size_mlp=24, num_local_experts=4, num_experts_per_tok=1)),
         "llama4_top2": ("llama4", "Llama4TextMoe", lambda: C.Llama4TextConfig(
@@ -568,7 +572,8 @@ _BLOCK_MODULES = {
     "Qwen4ExpTextSparseMoeBlock": "qwen4_exp", "DeepseekOcr2TextMoe": "deepseek_ocr2",
     "Glm5NextTextMoE": "glm5_next", "KimiLinearMoE": "kimi_linear", "DeepseekV32MoE": "deepseek_v32",
     "Glm4MoeLiteMoE": "glm4_moe_lite", "Glm4vMoeTextMoE": "glm4v_moe", "GlmMoeDsaMoE": "glm_moe_dsa",
-    "HYV4MoE": "hy_v4", "SolarOpenMoE": "solar_open",
+    "HYV4MoE": "hy_v4", "SolarOpenMoE": "solar_open", "GraniteMoeMoE": "granitemoe",
+    "GraniteMoeSharedMoE": "granitemoeshared", "GraniteMoeHybridMoE": "granitemoehybrid",
 }
 
 

@@ -156,6 +156,9 @@ def unregister(name: str = NAME) -> None:
 #              renormalised (DeepseekV2TopkRouter)
 #   "gpt_oss": logits = x @ W^T + b, top-k of the logits, softmax over those k in the logits' dtype
 #              (GptOssTopKRouter)
+#   "granite": fp32 logits, top-k of them, softmax over those k, cast to the input's dtype; returns
+#              (ids, weights, logits) (GraniteMoeTopKRouter); "granite_swa": the same maths in the usual
+#              (logits, weights, ids) order (GraniteMoeSWATopKRouter)
 #   "llama4":  top-k of the logits, weights = sigmoid of those logits (fp32, cast to the logits' dtype)
 #              (Llama4Router; its forward keeps returning the dense scores [T, E] and the logits)
 # Block kinds: "plain" (Qwen3/OLMoE/GPT-OSS), "mixtral" (in-place jitter before the gate), "qwen2" (sigmoid-gated
@@ -176,10 +179,14 @@ SUPPORTED_BLOCKS = {
     "Dots1MoE": ("sigmoid_group", "deepseek"),
     "MiniMaxM2SparseMoeBlock": ("sigmoid_bias", "minimax"),
     "Llama4TextMoe": ("llama4", "llama4"),
+    "GraniteMoeMoE": ("granite", "plain"),
+    "GraniteMoeSWAMoE": ("granite_swa", "plain"),
 }
 # Blocks whose code (block and router, class names aside) is that of a block above in transformers 5.18:
 # the same kinds. tests/test_transformers.py checks that the installed sources still match.
 SAME_CODE_AS = {
+    "GraniteMoeSharedMoE": "GraniteMoeMoE",
+    "GraniteMoeHybridMoE": "GraniteMoeMoE",
     "MiniMaxSparseMoeBlock": "MixtralSparseMoeBlock",
     "FlexOlmoSparseMoeBlock": "OlmoeSparseMoeBlock",
     "MellumSparseMoeBlock": "Qwen3MoeSparseMoeBlock",
@@ -277,6 +284,11 @@ class _MoeExtRouterMixin:
         if kind == "llama4":
             logits, w, ids = self._moe_ext_route(x)
             return torch.zeros_like(logits).scatter_(1, ids.long(), w), logits
+        if kind in ("granite", "granite_swa"):
+            logits = F.linear(x, self.weight).float()
+            g = MF.topk_gating(logits, k, order="topk_softmax", renormalize=False)
+            out = (logits, g.weights.to(x.dtype), g.expert_ids)
+            return out[::-1] if kind == "granite" else out
         if kind == "gpt_oss":
             logits = F.linear(x, self.weight, self.bias)
             g = MF.topk_gating(logits.float(), k, order="topk_softmax", renormalize=False)
@@ -333,7 +345,7 @@ def _moe_ext_router(router: nn.Module, kind: str) -> nn.Module:
 
 class MoEBlock(nn.Module):
     """A transformers sparse MoE block run by moe_ext, holding the original block's submodules (so its
-    Parameters and state_dict keys are the model's own): .gate (.router for GPT-OSS and Llama 4; the moe_ext
+    Parameters and state_dict keys are the model's own): .gate (.router for GPT-OSS, Llama 4, Granite; the moe_ext
     router, see _MoeExtRouterMixin), .experts (the model's experts module, run through moe_ext_experts_forward
     whatever the model's experts_implementation), and .shared_expert/.shared_expert_gate (Qwen2-MoE) or .shared_experts
     (DeepSeek-V3). Semantics follow the installed transformers version:
@@ -353,6 +365,8 @@ class MoEBlock(nn.Module):
       Qwen3-Next, Qwen3.5-MoE: as Qwen2-MoE (Qwen3.5 always renormalises); GLM-4.5, dots.llm1: as
                DeepSeek-V3; MiniMax-M2: Mixtral's jitter, fp32 sigmoid, selection by score + the block's
                e_score_correction_bias, the unbiased scores renormalised.
+      Granite-MoE (and its Shared, Hybrid and SWA variants): fp32 logits, top-k of them, softmax over those k
+               in the input's dtype.
       Llama 4: top-k of the logits, weight = their sigmoid (fp32, then the logits' dtype), which scales the
                expert's input; + shared_expert(x). transformers runs all E experts on every token; this
                runs the chosen ones. Returns ([T, H], router_logits) as the installed block.
@@ -364,7 +378,7 @@ class MoEBlock(nn.Module):
 
     def __init__(self, block: nn.Module, router_kind: str, block_kind: str, returns: Optional[str] = None):
         super().__init__()
-        self.block_kind, self.returns = block_kind, returns
+        self.router_kind, self.block_kind, self.returns = router_kind, block_kind, returns
         # the router keeps the block's attribute name, and so its state_dict keys
         self.router_name = "gate" if isinstance(getattr(block, "gate", None), nn.Module) else "router"
         router = getattr(block, self.router_name)
@@ -395,7 +409,10 @@ class MoEBlock(nn.Module):
                 y = y + _llama4_experts(self.experts, x * weights[:, j:j + 1], ids[:, j:j + 1]).to(y.dtype)
         else:
             bias = (self.e_score_correction_bias,) if self.block_kind == "minimax" else ()
-            logits, weights, ids = router(x, *bias)
+            if self.router_kind == "granite":  # the router's own output order
+                ids, weights, logits = router(x)
+            else:
+                logits, weights, ids = router(x, *bias)
             y = moe_ext_experts_forward(self.experts, x, ids, weights)
         with torch.no_grad():
             E = router.weight.shape[0]

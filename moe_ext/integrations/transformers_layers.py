@@ -63,6 +63,7 @@ def _routing(block: nn.Module, router: nn.Module, router_kind: str, block_kind: 
         kw.update(score_func="sigmoid", expert_bias=True)
     elif router_kind == "gpt_oss":
         kw["router_bias"] = True
+    # "mixtral", "qwen_norm", "granite(_swa)": softmax over the k best (= the renormalised softmax scores)
     return kw
 
 
