@@ -233,15 +233,16 @@ def _bias_grad(grad: Tensor, offsets: Tensor) -> Tensor:
 
 class _RecomputedExperts(torch.autograd.Function):
     """permute, then every expert's FFN, saving x, the routing and h = x_sorted @ w1[e]^T only: the
-    backward recomputes x_sorted (a permute of x, which the router saved anyway) and act(h)."""
+    backward recomputes x_sorted (a permute of x, which the router saved anyway) and act(h).
+    trans: the weights are [E, out, in] (True) or [E, in, out] (False, transformers' is_transposed)."""
 
     @staticmethod
-    def forward(ctx, x, expert_ids, num_experts, max_rows, w1, w2, b1, b2, activation):
+    def forward(ctx, x, expert_ids, num_experts, max_rows, w1, w2, b1, b2, activation, trans):
         x_sorted, offsets, row_map = _ops.permute(x, expert_ids, num_experts, max_rows)
-        h = _ops.grouped_gemm(x_sorted, w1, offsets, True, b1)
-        y = _ops.grouped_gemm(apply_activation(h, activation), w2, offsets, True, b2)
+        h = _ops.grouped_gemm(x_sorted, w1, offsets, trans, b1)
+        y = _ops.grouped_gemm(apply_activation(h, activation), w2, offsets, trans, b2)
         ctx.save_for_backward(x, expert_ids, offsets, row_map, h, w1, w2)
-        ctx.args = (num_experts, max_rows, activation)
+        ctx.args = (num_experts, max_rows, activation, trans)
         ctx.mark_non_differentiable(offsets, row_map)
         return y, offsets, row_map
 
@@ -249,52 +250,63 @@ class _RecomputedExperts(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, _offsets, _row_map):
         x, expert_ids, offsets, row_map, h, w1, w2 = ctx.saved_tensors
-        num_experts, max_rows, activation = ctx.args
-        need_x, _, _, _, need_w1, need_w2, need_b1, need_b2, _ = ctx.needs_input_grad
+        num_experts, max_rows, activation, trans = ctx.args
+        need_x, _, _, _, need_w1, need_w2, need_b1, need_b2, _, _ = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
+
+        def wgrad(a, grad):  # d w for c = a @ w[e]^T (trans) or a @ w[e]
+            return _ops.grouped_gemm_wgrad(grad, a, offsets) if trans else _ops.grouped_gemm_wgrad(a, grad, offsets)
         dw1 = dw2 = db1 = db2 = dx = None
         if need_w2:
-            dw2 = _ops.grouped_gemm_wgrad(grad_y, apply_activation(h, activation), offsets)
+            dw2 = wgrad(apply_activation(h, activation), grad_y)
         if need_b2:
             db2 = _bias_grad(grad_y, offsets)
         if need_x or need_w1 or need_b1:
-            dh = _activation_backward(_ops.grouped_gemm(grad_y, w2, offsets, False, None), h, activation)
+            dh = _activation_backward(_ops.grouped_gemm(grad_y, w2, offsets, not trans, None), h, activation)
             if need_w1:
-                x_sorted = _ops.permute(x, expert_ids, num_experts, max_rows)[0]
-                dw1 = _ops.grouped_gemm_wgrad(dh, x_sorted, offsets)
+                dw1 = wgrad(_ops.permute(x, expert_ids, num_experts, max_rows)[0], dh)
             if need_b1:
                 db1 = _bias_grad(dh, offsets)
             if need_x:
-                dx = _ops.unpermute(_ops.grouped_gemm(dh, w1, offsets, False, None), row_map, None)
-        return dx, None, None, None, dw1, dw2, db1, db2, None
+                dx = _ops.unpermute(_ops.grouped_gemm(dh, w1, offsets, not trans, None), row_map, None)
+        return dx, None, None, None, dw1, dw2, db1, db2, None, None
 
 
 def permute_expert_ffn(x: Tensor, expert_ids: Tensor, num_experts: int, w1: Tensor, w2: Tensor,
                        activation: str = "silu", b1: Optional[Tensor] = None, b2: Optional[Tensor] = None,
-                       max_rows: int = -1, recompute: bool = False):
+                       max_rows: int = -1, recompute: bool = False, transposed: bool = False):
     """permute(x, expert_ids, num_experts, max_rows), then expert_ffn on the grouped rows: returns
     (y_sorted [R, H], expert_offsets [E+1] int64, row_map [T, k] int64), for unpermute.
 
     recompute=True saves less for the backward: neither the grouped copy of x ([R, H]) nor the
     activation ([R, F]) is kept; the backward recomputes them (one permute and one activation pass)
     from x, the routing and h = x_sorted @ w1[e]^T. The gradients are bit-identical to recompute=False.
-    x [T, H]; the other arguments as in permute and expert_ffn.
+    transposed=True: w1 [E, H, 2F | F] and w2 [E, F, H] (transformers' is_transposed layout, GPT-OSS), used as
+    they are. x [T, H]; the other arguments as in permute and expert_ffn.
     """
-    check_expert_weights(w1, w2, activation, x.shape[-1], num_experts)
-    return _permute_expert_ffn(x, expert_ids, num_experts, w1, w2, activation, b1, b2, max_rows, recompute)
+    if transposed:
+        check_expert_weights(w1.transpose(1, 2), w2.transpose(1, 2), activation, x.shape[-1], num_experts)
+    else:
+        check_expert_weights(w1, w2, activation, x.shape[-1], num_experts)
+    return _permute_expert_ffn(x, expert_ids, num_experts, w1, w2, activation, b1, b2, max_rows, recompute,
+                               transposed)
 
 
-def _permute_expert_ffn(x, expert_ids, num_experts, w1, w2, activation, b1, b2, max_rows, recompute):
+def _permute_expert_ffn(x, expert_ids, num_experts, w1, w2, activation, b1, b2, max_rows, recompute,
+                        transposed=False):
     """permute_expert_ffn on weights already checked."""
     if not recompute or not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, w1, w2, b1, b2)):
         x_sorted, offsets, row_map = permute(_expert_rows(x), expert_ids, num_experts, max_rows)
+        if transposed:
+            h = apply_activation(grouped_gemm(x_sorted, w1, offsets, bias=b1), activation)
+            return grouped_gemm(h, w2, offsets, bias=b2), offsets, row_map
         return expert_ffn(x_sorted, offsets, w1, w2, activation, b1, b2), offsets, row_map
     dt = _autocast_dtype(x)
     # Under autocast the casts happen here, as differentiable ops, so that the backward (which runs
     # without autocast) sees the dtypes the forward computed in.
     x, w1, w2, b1, b2 = (_cast(t, dt) for t in (x, w1, w2, b1, b2))
-    return _RecomputedExperts.apply(x, expert_ids, num_experts, max_rows, w1, w2, b1, b2, activation)
+    return _RecomputedExperts.apply(x, expert_ids, num_experts, max_rows, w1, w2, b1, b2, activation, not transposed)
 
 
 # vLLM's API (fused_moe and friends) lives in moe_ext.fused; fused_moe stays importable from here.

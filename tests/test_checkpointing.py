@@ -170,6 +170,30 @@ def test_recompute_gradcheck_and_no_double_backward():
         gx.sum().backward()
 
 
+@pytest.mark.parametrize("activation", ["swigluoai", "gelu_no_mul"])
+def test_permute_expert_ffn_transposed_weights(activation):
+    """transposed=True takes w1 [E, H, 2F | F] and w2 [E, F, H] as they are (transformers' is_transposed):
+    the same result as the [E, out, in] copies, with and without recompute, and gradcheck."""
+    T, H, Fd, E, k = 7, 6, 5, 4, 2
+    g = torch.Generator().manual_seed(0)
+    rows = 2 * Fd if MF.ACTIVATIONS[activation][1] else Fd
+    x = torch.randn(T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    w1 = (torch.randn(E, H, rows, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    w2 = torch.randn(E, Fd, H, generator=g, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(E, rows, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randn(T, E, generator=g).topk(k, -1).indices.to(torch.int32)
+    want = MF.permute_expert_ffn(x, ids, E, w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous(),
+                                 activation, b1)[0]
+    for recompute in (False, True):
+        got = MF.permute_expert_ffn(x, ids, E, w1, w2, activation, b1, recompute=recompute, transposed=True)[0]
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        assert torch.autograd.gradcheck(
+            lambda *a: MF.permute_expert_ffn(a[0], ids, E, a[1], a[2], activation, a[3], recompute=recompute,
+                                             transposed=True)[0], (x, w1, w2, b1))
+    with pytest.raises(ValueError, match=r"w1 must be \[E, (2F|F), H\]|w2 must be"):
+        MF.permute_expert_ffn(x, ids, E, w1, w2, activation, b1, transposed=False)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, _NO_GPU])])
 def test_recompute_under_autocast_and_no_grad(device):
     plain, again = moe_ext.MoELayer(64, 48, 5, 2).to(device), moe_ext.MoELayer(64, 48, 5, 2, recompute=True).to(device)

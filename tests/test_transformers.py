@@ -133,7 +133,7 @@ def test_register_runs_moe_ext_ops(monkeypatch):
     assert len(calls) == 2 * model.config.num_hidden_layers
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])  # GPT-OSS: [E, in, out] weights, biases
 def test_register_recompute_matches_and_saves_less(family):
     """register(name, recompute=True): the same logits and gradients, bit for bit, with less saved."""
     from test_checkpointing import _saved_bytes

@@ -86,9 +86,9 @@ def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index:
     top_k_weights [T, k]) -> [T, H] in x's dtype. Reads the layout flags that
     @use_experts_implementation sets (has_gate, has_bias, is_transposed; is_concatenated only matters to
     the module's _apply_gate) and falls back to inferring them from the parameter names.
-    recompute=True (register(recompute=True)): for the default gated SiLU (or GPT-OSS's gate) with
-    [E, out, in] weights, the backward recomputes the grouped rows and the activation instead of saving them
-    (moe_ext.functional.permute_expert_ffn); other layouts and gates take the default path."""
+    recompute=True (register(recompute=True)): for the default gated SiLU or GPT-OSS's gate (either weight
+    layout), the backward recomputes the grouped rows and the activation instead of saving them
+    (moe_ext.functional.permute_expert_ffn); other gates take the default path."""
     has_gate = getattr(self, "has_gate", hasattr(self, "gate_up_proj"))
     has_bias = getattr(self, "has_bias", False)
     transposed = getattr(self, "is_transposed", False)
@@ -103,8 +103,9 @@ def moe_ext_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index:
     # The weights' dtype (as transformers' grouped_mm path does), or the autocast one under torch.autocast.
     x = hidden_states.to(MF._autocast_dtype(hidden_states) or w_in.dtype)
     fused = _fused_gate(self) if has_gate else None
-    if recompute and fused is not None and not transposed:
-        y, _, row_map = MF.permute_expert_ffn(x, ids, E, w_in, self.down_proj, fused, b_in, b_out, recompute=True)
+    if recompute and fused is not None:
+        y, _, row_map = MF.permute_expert_ffn(x, ids, E, w_in, self.down_proj, fused, b_in, b_out, recompute=True,
+                                              transposed=transposed)
         return MF.unpermute(y, row_map, top_k_weights).to(hidden_states.dtype)
     x_sorted, offsets, row_map = MF.permute(x, ids, E)
     h = MF.grouped_gemm(x_sorted, w_in, offsets, trans_b=not transposed, bias=b_in)
