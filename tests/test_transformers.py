@@ -454,6 +454,10 @@ def _block_families():
         "deepseek_v32": ("deepseek_v32", "DeepseekV32MoE", lambda: C.DeepseekV32Config(
             **common, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
             n_group=4, topk_group=2, routed_scaling_factor=2.5)),
+        "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", lambda: C.Ernie4_5_MoeConfig(
+            **common, moe_intermediate_size=16, moe_num_experts=8, moe_k=3, moe_num_shared_experts=1)),
+        "ernie4_5_moe_unshared": ("ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", lambda: C.Ernie4_5_MoeConfig(
+            **common, moe_intermediate_size=16, moe_num_experts=6, moe_k=2, moe_num_shared_experts=0)),
         "granitemoe": ("granitemoe", "GraniteMoeMoE", lambda: C.GraniteMoeConfig(
             **common, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2)),
         "granitemoe_swa": ("granitemoe_swa", "GraniteMoeSWAMoE", lambda: C.GraniteMoeSWAConfig(

@@ -160,11 +160,14 @@ def unregister(name: str = NAME) -> None:
 #   "granite": fp32 logits, top-k of them, softmax over those k, cast to the input's dtype; returns
 #              (ids, weights, logits) (GraniteMoeTopKRouter); "granite_swa": the same maths in the usual
 #              (logits, weights, ids) order (GraniteMoeSWATopKRouter)
+#   "ernie":   fp32 softmax; selection by score + moe_statics.e_score_correction_bias; weights = the unbiased
+#              scores / max(their sum, moe_norm_min), cast to the input's dtype (Ernie4_5_MoeTopKRouter)
 #   "llama4":  top-k of the logits, weights = sigmoid of those logits (fp32, cast to the logits' dtype)
 #              (Llama4Router; its forward keeps returning the dense scores [T, E] and the logits)
 # Block kinds: "plain" (Qwen3/OLMoE/GPT-OSS), "mixtral" (in-place jitter before the gate), "qwen2" (sigmoid-gated
 # shared expert: Qwen2-MoE, Qwen3-Next, Qwen3.5-MoE), "deepseek" (ungated shared_experts added: DeepSeek-V2
-# and V3, GLM-4.5, dots.llm1), "minimax" (Mixtral's jitter; the block holds the selection bias), "llama4" (the
+# and V3, GLM-4.5, dots.llm1; Ernie 4.5 when it has them), "minimax" (Mixtral's jitter; the block holds the
+# selection bias), "llama4" (the
 # weight scales each expert's input; a shared expert added; returns ([T, H], router_logits)).
 SUPPORTED_BLOCKS = {
     "MixtralSparseMoeBlock": ("mixtral", "mixtral"),
@@ -182,6 +185,7 @@ SUPPORTED_BLOCKS = {
     "Llama4TextMoe": ("llama4", "llama4"),
     "GraniteMoeMoE": ("granite", "plain"),
     "GraniteMoeSWAMoE": ("granite_swa", "plain"),
+    "Ernie4_5_MoeSparseMoeBlock": ("ernie", "deepseek"),
 }
 # Blocks whose code (block and router, class names aside) is that of a block above in transformers 5.18:
 # the same kinds. tests/test_transformers.py checks that the installed sources still match.
@@ -285,6 +289,12 @@ class _MoeExtRouterMixin:
         if kind == "llama4":
             logits, w, ids = self._moe_ext_route(x)
             return torch.zeros_like(logits).scatter_(1, ids.long(), w), logits
+        if kind == "ernie":
+            logits = F.linear(x.float(), self.weight.float())
+            bias = self.moe_statics.e_score_correction_bias.reshape(-1)
+            g = MF.topk_gating(logits, k, renormalize=False, expert_bias=bias)
+            w = g.weights / g.weights.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)
+            return logits, w.to(x.dtype), g.expert_ids
         if kind in ("granite", "granite_swa"):
             logits = F.linear(x, self.weight).float()
             g = MF.topk_gating(logits, k, order="topk_softmax", renormalize=False)
@@ -366,6 +376,8 @@ class MoEBlock(nn.Module):
       Qwen3-Next, Qwen3.5-MoE: as Qwen2-MoE (Qwen3.5 always renormalises); GLM-4.5, dots.llm1: as
                DeepSeek-V3; MiniMax-M2: Mixtral's jitter, fp32 sigmoid, selection by score + the block's
                e_score_correction_bias, the unbiased scores renormalised.
+      Ernie 4.5: fp32 softmax, selection by score + moe_statics' bias, the unbiased scores divided by
+               max(their sum, moe_norm_min); + shared_experts(x) when the block has them.
       Granite-MoE (and its Shared, Hybrid and SWA variants): fp32 logits, top-k of them, softmax over those k
                in the input's dtype.
       Llama 4: top-k of the logits, weight = their sigmoid (fp32, then the logits' dtype), which scales the
@@ -421,7 +433,7 @@ class MoEBlock(nn.Module):
                                .index_add_(0, ids.reshape(-1).long(), torch.ones_like(ids.reshape(-1), dtype=torch.int64))}
         if self.block_kind == "qwen2":
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        elif self.block_kind == "deepseek":
+        elif self.block_kind == "deepseek" and getattr(self, "shared_experts", None) is not None:
             y = y.view(shape) + self.shared_experts(hidden_states)
         if self.block_kind != "llama4":  # Llama 4's block returns the flattened [T, H]
             y = y.reshape(shape)

@@ -63,6 +63,8 @@ def _routing(block: nn.Module, router: nn.Module, router_kind: str, block_kind: 
         kw.update(score_func="sigmoid", expert_bias=True)
     elif router_kind == "gpt_oss":
         kw["router_bias"] = True
+    elif router_kind == "ernie":  # (its division by max(sum, 1e-12) differs only where the k scores sum below that)
+        kw["expert_bias"] = True
     # "mixtral", "qwen_norm", "granite(_swa)": softmax over the k best (= the renormalised softmax scores)
     return kw
 
@@ -113,8 +115,8 @@ def to_moe_layer(block: nn.Module) -> MoELayer:
     if kw.get("router_bias"):
         layer.router.bias = router.bias
     if kw.get("expert_bias"):
-        holder = block if router_kind == "sigmoid_bias" else router
-        layer.router.register_buffer("expert_bias", holder.e_score_correction_bias)
+        holder = {"sigmoid_bias": block, "ernie": getattr(router, "moe_statics", None)}.get(router_kind, router)
+        layer.router.register_buffer("expert_bias", holder.e_score_correction_bias.detach().reshape(-1))
 
     def oriented(p: nn.Parameter) -> nn.Parameter:
         return nn.Parameter(p.detach().transpose(1, 2).contiguous()) if transposed else p
