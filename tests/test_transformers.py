@@ -712,12 +712,12 @@ def test_offload_moe_blocks_matches_eager(family):
     ref = _build(family, "eager", torch.float64).eval()
     ours = copy.deepcopy(ref)
     names = mt.offload_moe_blocks(ours, cache_experts=2, device="cpu")
-    assert names and all(isinstance(ours.get_submodule(n), mt.OffloadedBlock) for n in names)
+    assert names and all(isinstance(ours.get_submodule(n), mt.LayerBlock) for n in names)
     ids = _ids()
     with torch.no_grad():
         a, b = ours(input_ids=ids).logits, ref(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5)
-    stats = ours.get_submodule(names[0]).offloaded.stats()
+    stats = ours.get_submodule(names[0]).layer.stats()
     assert stats["misses"] > 0 and stats["forwards"] == 1
 
 
@@ -748,6 +748,62 @@ def test_to_moe_layer_expert_parallel(family):
     from moe_ext._dist_launch import launch
     ranges = launch(_ep_block_worker, 2, family, timeout_s=150)
     assert ranges[0] and ranges[1] and not set(ranges[0]) & set(ranges[1])
+
+
+def _ep_model_worker(rank, world, family):
+    """Rank `rank` of a tiny model whose blocks shard_moe_blocks split over the ranks: its logits on its own
+    tokens, and after all_reduce_gradients every gradient, against the unsplit model run on every rank's tokens."""
+    from moe_ext.parallel import all_reduce_gradients
+    ref = _build(family, "eager", torch.float64).eval()
+    ours = copy.deepcopy(ref)
+    names = mt.shard_moe_blocks(ours)
+
+    def tokens(r):
+        ids = _ids(B=1, S=5 + 3 * r, seed=10 + r)
+        g = torch.Generator().manual_seed(20 + r)
+        return ids, torch.randn(1, ids.shape[1], VOCAB, generator=g, dtype=torch.float64)
+    want = {}
+    for r in range(world):
+        ids, w = tokens(r)
+        ref.zero_grad(set_to_none=True)
+        logits = ref(input_ids=ids).logits
+        (logits * w).sum().backward()
+        for n, p in ref.named_parameters():
+            if p.grad is not None:
+                want[n] = want.get(n, 0) + p.grad
+        if r == rank:
+            logits_ref = logits.detach()
+    ids, w = tokens(rank)
+    logits = ours(input_ids=ids).logits
+    (logits * w).sum().backward()
+    all_reduce_gradients(ours)
+
+    def close(a, b, what):  # fp32 routing in transformers, float64 in the layer
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-5, msg=lambda m: f"{what}: {m}")
+    close(logits.detach(), logits_ref, "logits")
+    compared = 0
+    for n, p in ours.named_parameters():  # the dense model: the same names
+        if n in want:
+            close(p.grad, want[n], n)
+            compared += 1
+    for n in names:
+        ep = ours.get_submodule(n).layer
+        lo, hi = ep.local_expert_ids[0], ep.local_expert_ids[-1] + 1
+        close(ep.router.weight.grad, want[n + ".gate.weight"], n + " router")
+        close(ep.experts.w1.grad, want[n + ".experts.gate_up_proj"][lo:hi], n + " w1")
+        close(ep.experts.w2.grad, want[n + ".experts.down_proj"][lo:hi], n + " w2")
+        compared += 3
+    return compared
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_shard_moe_blocks_two_ranks(family):
+    """shard_moe_blocks on two gloo ranks, each with its own tokens: each rank's logits and, after
+    all_reduce_gradients, the gradients of the dense model, the routers and the local experts equal the
+    unsplit model's (its gradients summed over both ranks' tokens)."""
+    from moe_ext._dist_launch import launch
+    compared = launch(_ep_model_worker, 2, family, timeout_s=200)
+    assert compared[0] == compared[1] > 10
 
 
 def test_update_expert_bias_on_replaced_minimax_block():

@@ -17,8 +17,9 @@ Two ways in (docs/transformers.md):
    routing with moe_ext.topk_gating and the experts with moe_ext's ops, with the installed version's
    exact semantics (see MoEBlock).
 
-3. to_moe_layer(block) / offload_moe_blocks(model, cache_experts=N) (transformers_layers.py): a block as a
-   moe_ext.MoELayer, and every block's experts offloaded to host memory with N cached on the device.
+3. to_moe_layer(block) / offload_moe_blocks(model, cache_experts=N) / shard_moe_blocks(model, group)
+   (transformers_layers.py): a block as a moe_ext.MoELayer; every block's experts offloaded to host memory
+   with N cached on the device, or split over the ranks of a process group.
 """
 import inspect
 import re
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from .. import functional as MF
 
 __all__ = ["register", "unregister", "moe_ext_experts_forward", "replace_moe_blocks", "MoEBlock", "SUPPORTED_BLOCKS",
-           "SAME_CODE_AS", "to_moe_layer", "offload_moe_blocks", "OffloadedBlock"]
+           "SAME_CODE_AS", "to_moe_layer", "offload_moe_blocks", "shard_moe_blocks", "LayerBlock"]
 
 NAME = "moe_ext"
 
@@ -479,5 +480,5 @@ def replace_moe_blocks(model: nn.Module, classes=None) -> list:
     return replaced
 
 
-# 3. As MoELayers, and offloaded (transformers_layers.py; imported last: it reads the tables above).
-from .transformers_layers import OffloadedBlock, offload_moe_blocks, to_moe_layer  # noqa: E402,F401
+# 3. As MoELayers, offloaded or expert-parallel (transformers_layers.py; imported last: it reads the tables above).
+from .transformers_layers import LayerBlock, offload_moe_blocks, shard_moe_blocks, to_moe_layer  # noqa: E402,F401

@@ -1,13 +1,16 @@
-"""transformers sparse MoE blocks as moe_ext.MoELayer, and expert offloading for a transformers model.
+"""transformers sparse MoE blocks as moe_ext.MoELayer; expert offloading and expert parallelism for a model.
 
     layer = mt.to_moe_layer(block)                     # the block's routing and experts as a MoELayer
     names = mt.offload_moe_blocks(model, cache_experts=N)   # every block's experts in host memory, N on the device
+    names = mt.shard_moe_blocks(model, group)          # every block's experts split over the group's ranks
 
 to_moe_layer gives a pretrained block everything MoELayer has (moe_ext.offload, moe_ext.parallel's
 shard_experts, capacity, the balance losses, routing statistics). offload_moe_blocks swaps each supported block
 of a model for moe_ext.offload.offload_experts(to_moe_layer(block), N): inference on a device that holds N
-experts per layer. Both cover the routing kinds MoELayer expresses; Llama 4 (the weight scales the expert's
-input) is refused with a clear error. docs/transformers.md, section 3.
+experts per layer. shard_moe_blocks swaps each for moe_ext.parallel.shard_experts(to_moe_layer(block), group):
+training or inference with the experts spread over ranks (moe_ext.parallel.all_reduce_gradients(model) after
+backward). All cover the routing kinds MoELayer expresses; Llama 4 (the weight scales the expert's input) is
+refused with a clear error. docs/transformers.md, section 3.
 """
 from typing import Optional
 
@@ -17,7 +20,7 @@ from torch import Tensor, nn
 from ..modules import MoELayer
 from . import transformers as mt
 
-__all__ = ["to_moe_layer", "offload_moe_blocks", "OffloadedBlock"]
+__all__ = ["to_moe_layer", "offload_moe_blocks", "shard_moe_blocks", "LayerBlock"]
 
 
 def _where(block: nn.Module) -> str:
@@ -132,42 +135,59 @@ def to_moe_layer(block: nn.Module) -> MoELayer:
     return layer.train(block.training)
 
 
-class OffloadedBlock(nn.Module):
-    """A transformers block's place in its model, run by moe_ext.offload (inference only): returns what the
-    block returned, with None for the router's second output (GPT-OSS's scores, older blocks' logits)."""
+class LayerBlock(nn.Module):
+    """A transformers block's place in its model, run by a moe_ext module (.layer: an offloaded or an
+    expert-parallel MoELayer): returns what the block returned, with None for the router's second output
+    (GPT-OSS's scores, older blocks' logits)."""
 
-    def __init__(self, offloaded: nn.Module, returns: Optional[str], original_class: str):
+    def __init__(self, layer: nn.Module, returns: Optional[str], original_class: str):
         super().__init__()
-        self.offloaded, self.returns, self.original_class = offloaded, returns, original_class
+        self.layer, self.returns, self.original_class = layer, returns, original_class
 
     def forward(self, hidden_states: Tensor):
-        y = self.offloaded(hidden_states)
+        y = self.layer(hidden_states)
         return (y, None) if self.returns else y
 
 
-def offload_moe_blocks(model: nn.Module, cache_experts: int, device=None, classes=None) -> list:
-    """Replace every supported sparse MoE block of model by an OffloadedBlock: its routed experts in host
-    memory (pinned on CUDA), an LRU cache of cache_experts of them on device (default: the current CUDA
-    device, else the CPU), router and shared experts on device (moe_ext.offload.offload_experts of
-    to_moe_layer(block)). Returns the qualified names replaced. Inference only. classes: block class names
-    (default: every supported one but Llama 4's)."""
-    from ..offload import offload_experts
+def _swap_blocks(model: nn.Module, classes, where: str, make) -> list:
+    """Replace every supported block of model (classes: names; default all but Llama 4's) by
+    LayerBlock(make(to_moe_layer(block))); returns the qualified names."""
     wanted = set(mt.SUPPORTED_BLOCKS if classes is None else classes)
     unknown = wanted - set(mt.SUPPORTED_BLOCKS)
     if unknown:
-        raise ValueError(f"moe_ext.offload_moe_blocks: unsupported block classes {sorted(unknown)}")
+        raise ValueError(f"moe_ext.{where}: unsupported block classes {sorted(unknown)}")
     if classes is None:
         wanted = {c for c in wanted if mt.SUPPORTED_BLOCKS[c][0] != "llama4"}
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if (getattr(mod, "original_class", None) if isinstance(mod, mt.MoEBlock) else type(mod).__name__)
-               in wanted]
-    replaced = []
+
+    def class_of(mod):
+        return mod.original_class if isinstance(mod, mt.MoEBlock) else type(mod).__name__
+    targets = [(name, mod) for name, mod in model.named_modules() if class_of(mod) in wanted]
     for name, block in targets:
-        cls_name = getattr(block, "original_class", None) or type(block).__name__
         returns = block.returns if isinstance(block, mt.MoEBlock) else mt._returns_of(type(block))
-        new = OffloadedBlock(offload_experts(to_moe_layer(block).eval(), cache_experts, device=device), returns,
-                             cls_name)
+        new = LayerBlock(make(to_moe_layer(block)), returns, class_of(block))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        replaced.append(name)
-    return replaced
+    return [name for name, _ in targets]
+
+
+def offload_moe_blocks(model: nn.Module, cache_experts: int, device=None, classes=None) -> list:
+    """Replace every supported sparse MoE block of model by a LayerBlock holding
+    moe_ext.offload.offload_experts(to_moe_layer(block), cache_experts, device): the routed experts in host
+    memory (pinned on CUDA), an LRU cache of cache_experts of them on device (default: the current CUDA device,
+    else the CPU), router and shared experts on device. Returns the qualified names replaced. Inference only.
+    classes: block class names (default: every supported one but Llama 4's)."""
+    from ..offload import offload_experts
+    return _swap_blocks(model, classes, "offload_moe_blocks",
+                        lambda layer: offload_experts(layer.eval(), cache_experts, device=device))
+
+
+def shard_moe_blocks(model: nn.Module, group=None, classes=None) -> list:
+    """Replace every supported sparse MoE block of model by a LayerBlock holding
+    moe_ext.parallel.shard_experts(to_moe_layer(block), group): each rank of the group keeps a contiguous range
+    of every layer's experts and exchanges tokens with the others (two all-to-alls per layer). Call it on
+    every rank with the same model; each rank then runs its own tokens. After backward,
+    moe_ext.parallel.all_reduce_gradients(model) sums the replicated parameters' gradients over the ranks.
+    The state_dict then holds the LayerBlocks' own names (layer.router.weight, layer.experts.w1, ...).
+    Returns the qualified names replaced. classes: as offload_moe_blocks."""
+    from ..parallel import shard_experts
+    return _swap_blocks(model, classes, "shard_moe_blocks", lambda layer: shard_experts(layer, group))
