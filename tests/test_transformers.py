@@ -312,6 +312,15 @@ def test_bench_runs_tiny():
                                                                     for v in res.values())
 
 
+@pytest.mark.parametrize("family", ["llama4", "gpt_oss"])
+def test_bench_block_runs_tiny(family):
+    from moe_ext.integrations import bench_transformers as bt
+    res = bt.bench_block(family, hidden=32, ffn=16, experts=4, top_k=2, tokens=12, reps=1, warmup=0)
+    impls = {"eager", "moe_ext"} | ({"grouped_mm"} if family == "gpt_oss" else set())
+    assert impls <= set(res) and all(res[i]["fwd"] > 0 and res[i]["fwd_bwd"] > 0 for i in impls)
+    assert res["max_abs_diff"] < 1e-4
+
+
 def test_fused_silu_and_mul_only_for_default_silu_gate():
     mix = _build("mixtral", "moe_ext", torch.float64)
     oss = _build("gpt_oss", "moe_ext", torch.float64)

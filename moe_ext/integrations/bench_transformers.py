@@ -3,6 +3,11 @@
 
     python -m moe_ext.integrations.bench_transformers [--tokens 2048 --hidden 1024 --ffn 2048 --experts 8
         --top-k 2 --reps 15 --dtype float32 --threads N --profile]
+    python -m moe_ext.integrations.bench_transformers --block llama4|gpt_oss [sizes as above]
+
+--block times another family's block as transformers runs it ("eager"; and "grouped_mm" where its experts
+take an experts_implementation) against the same block after replace_moe_blocks ("moe_ext": router and experts
+in moe_ext).
 
 Every implementation runs the same block (same weights, same input, transformers' own router); in each
 repetition the implementations run one after another in a rotating order, so a loaded machine slows all
@@ -78,6 +83,80 @@ def bench(hidden=1024, ffn=2048, experts=8, top_k=2, tokens=2048, reps=15, warmu
     return res
 
 
+_BLOCKS = {  # family -> (modeling module, block class, config class, config keywords for the sizes)
+    "llama4": ("llama4", "Llama4TextMoe", "Llama4TextConfig",
+               lambda H, F, E, k: dict(intermediate_size=F, intermediate_size_mlp=F, num_local_experts=E,
+                                       num_experts_per_tok=k)),
+    "gpt_oss": ("gpt_oss", "GptOssMLP", "GptOssConfig",
+                lambda H, F, E, k: dict(intermediate_size=F, num_local_experts=E, num_experts_per_tok=k)),
+}
+
+
+def _interleaved(fns: dict, reps: int, warmup: int) -> dict:
+    """{name: {"fwd"/"fwd_bwd": median s, "..._all": [s, ...]}} of fns {name: (fwd, fwd_bwd)}, run in a rotating
+    order within each repetition."""
+    res = {n: {"fwd_all": [], "fwd_bwd_all": []} for n in fns}
+    order = list(fns)
+    for r in range(warmup + reps):
+        for j, kind in enumerate(("fwd_all", "fwd_bwd_all")):
+            for n in order:
+                t = _time(fns[n][j])
+                if r >= warmup:
+                    res[n][kind].append(t)
+        order = order[1:] + order[:1]
+    for n in fns:
+        res[n]["fwd"], res[n]["fwd_bwd"] = (statistics.median(res[n][k]) for k in ("fwd_all", "fwd_bwd_all"))
+    return res
+
+
+def bench_block(family: str, hidden=1024, ffn=2048, experts=16, top_k=1, tokens=2048, reps=9, warmup=1,
+                dtype=torch.float32) -> dict:
+    """A transformers block of `family` (_BLOCKS) as transformers runs it ("eager", and "grouped_mm" where the
+    experts take an experts_implementation) and after replace_moe_blocks ("moe_ext"), same weights and input:
+    {impl: {...}} as bench() returns, plus "max_abs_diff" of the moe_ext and eager outputs."""
+    import copy
+    import importlib
+    import transformers
+    from . import transformers as mt
+    module, cls_name, cfg_name, sizes = _BLOCKS[family]
+    cfg = getattr(transformers, cfg_name)(hidden_size=hidden, num_attention_heads=8, num_key_value_heads=8,
+                                          **sizes(hidden, ffn, experts, top_k))
+    torch.manual_seed(0)
+    block = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls_name)(cfg)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, hidden ** -0.5)
+    block = block.to(dtype)
+    blocks = {"eager": block}
+    if hasattr(block.experts, "is_transposed"):  # @use_experts_implementation: transformers' grouped_mm too
+        block.experts.config._experts_implementation = "eager"
+        blocks["grouped_mm"] = copy.deepcopy(block)
+        blocks["grouped_mm"].experts.config._experts_implementation = "grouped_mm"
+    wrapper = torch.nn.Module()
+    wrapper.mlp = copy.deepcopy(block)
+    mt.replace_moe_blocks(wrapper)
+    blocks["moe_ext"] = wrapper.mlp
+    x = torch.randn(1, tokens, hidden, dtype=dtype)
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    def pair(m):
+        def fwd():
+            with torch.no_grad():
+                m(x.clone())
+
+        def fwd_bwd():
+            m.zero_grad(set_to_none=True)
+            y = first(m(x.clone().requires_grad_()))
+            y.backward(torch.ones_like(y))
+        return fwd, fwd_bwd
+    res = _interleaved({n: pair(m) for n, m in blocks.items()}, reps, warmup)
+    with torch.no_grad():
+        res["max_abs_diff"] = float((first(block(x)) - first(wrapper.mlp(x))).abs().max())
+    return res
+
+
 def profile(impl="moe_ext", hidden=1024, ffn=2048, experts=8, top_k=2, tokens=2048, dtype=torch.float32, row_limit=25):
     """torch.profiler table (self CPU time) of one forward+backward of the block with `impl`."""
     from . import transformers as mt
@@ -104,10 +183,22 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--impls", default="moe_ext,grouped_mm,eager")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--block", choices=sorted(_BLOCKS), help="time this family's block, eager against replaced")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
+    if a.block:
+        print(f"{a.block} block: T={a.tokens} H={a.hidden} F={a.ffn} E={a.experts} k={a.top_k} {a.dtype}, "
+              f"{torch.get_num_threads()} threads, {a.reps} interleaved reps (medians)")
+        res = bench_block(a.block, a.hidden, a.ffn, a.experts, a.top_k, a.tokens, a.reps, a.warmup, dtype)
+        impls = [n for n in ("eager", "grouped_mm", "moe_ext") if n in res]
+        for n in impls:
+            speed = ", ".join(f"{kind} x{res[n][kind] / res['moe_ext'][kind]:.2f}" for kind in ("fwd", "fwd_bwd"))
+            print(f"{n:>10}: fwd {res[n]['fwd'] * 1e3:8.1f} ms   fwd+bwd {res[n]['fwd_bwd'] * 1e3:8.1f} ms"
+                  + (f"   moe_ext is faster by: {speed}" if n != "moe_ext" else ""))
+        print(f"max |moe_ext - eager| output difference {res['max_abs_diff']:.2e}")
+        return
     impls = tuple(a.impls.split(","))
     print(f"Mixtral sparse MoE block: T={a.tokens} H={a.hidden} F={a.ffn} E={a.experts} k={a.top_k} {a.dtype}, "
           f"{torch.get_num_threads()} threads, {a.reps} interleaved reps (medians)")
