@@ -156,7 +156,7 @@ def unregister(name: str = NAME) -> None:
 #   "softmax_group": fp32 logits, softmax, top-k ("greedy") or top-k among the topk_group groups whose best
 #              score is highest ("group_limited_greedy"), weights = the scores x routed_scaling_factor, never
 #              renormalised (DeepseekV2TopkRouter)
-#   "gpt_oss": logits = x @ W^T + b, top-k of the logits, softmax over those k in the logits' dtype
+#   "gpt_oss": logits = x @ W^T + b, top-k of the logits (the op), softmax over those k in the logits' dtype
 #              (GptOssTopKRouter)
 #   "granite": fp32 logits, top-k of them, softmax over those k, cast to the input's dtype; returns
 #              (ids, weights, logits) (GraniteMoeTopKRouter); "granite_swa": the same maths in the usual
@@ -303,8 +303,10 @@ class _MoeExtRouterMixin:
             return out[::-1] if kind == "granite" else out
         if kind == "gpt_oss":
             logits = F.linear(x, self.weight, self.bias)
-            g = MF.topk_gating(logits.float(), k, order="topk_softmax", renormalize=False)
-            return logits, g.weights.to(logits.dtype), g.expert_ids
+            ids = MF.topk_gating(logits.float(), k, order="topk_softmax", renormalize=False).expert_ids
+            # The softmax over the k chosen logits in their own dtype, as GptOssTopKRouter computes it: in bf16
+            # an fp32 softmax rounded once differs by an ulp, and a deep model amplifies that.
+            return logits, torch.softmax(logits.gather(1, ids.long()), dim=-1, dtype=logits.dtype), ids
         logits = F.linear(x, self.weight)
         renorm = kind in ("mixtral", "qwen_norm") or bool(getattr(self, "norm_topk_prob", False))
         g = MF.topk_gating(logits.float(), k, renormalize=renorm)
