@@ -400,6 +400,24 @@ def test_gpt_oss_replaced_block_returns_what_transformers_returns():
     torch.testing.assert_close(scores, scores_ref, **REPLACE_TOL)
 
 
+def test_gpt_oss_router_bf16_weights_bit_identical():
+    """In bf16 the replaced GPT-OSS router's weights are transformers' bit for bit wherever it selects the same
+    experts (all rows but exact ties, which the op gives to the lower id)."""
+    block, _ = _gpt_oss_block()
+    router = block.router.to(torch.bfloat16)
+    ours = mt._moe_ext_router(router, "gpt_oss")
+    x = torch.randn(200, router.weight.shape[1], dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits, scores, ids = router(x)
+        logits2, w, ids2 = ours(x)
+    assert torch.equal(logits, logits2)
+    same = (ids == ids2.long()).all(-1)
+    assert same.float().mean() > 0.9
+    assert torch.equal(w[same], scores[same])
+    top = logits.float().topk(3, -1).values  # k = 2: a row that differs has a tie among its 3 largest logits
+    assert ((top[:, 0] == top[:, 1]) | (top[:, 1] == top[:, 2]) | same).all()
+
+
 def test_gpt_oss_preset_is_the_transformers_block():
     """moe_ext.presets.gpt_oss with GptOssMLP's weights (w1 = gate_up_proj^T, interleaved rows; the router's
     bias) computes the block's output and gradients."""
