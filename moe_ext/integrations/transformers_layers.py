@@ -41,7 +41,7 @@ def _kinds(block: nn.Module):
     return router, router_kind, block_kind
 
 
-def _routing(block: nn.Module, router: nn.Module, router_kind: str, block_kind: str) -> dict:
+def _routing(block: nn.Module, router: nn.Module, router_kind: str) -> dict:
     """MoELayer's routing keywords for the router's semantics (mt.MoEBlock documents them)."""
     kw = dict(score_func="softmax", renormalize=True)
     if router_kind == "qwen":
@@ -108,7 +108,7 @@ def to_moe_layer(block: nn.Module) -> MoELayer:
     shared = getattr(block, "shared_expert", None)
     if shared is None:
         shared = getattr(block, "shared_experts", None)
-    kw = _routing(block, router, router_kind, block_kind)
+    kw = _routing(block, router, router_kind)
     if shared is not None:
         s_w1, s_w2 = _shared_mlp(shared, where)
         kw.update(num_shared_experts=1, shared_d_ff=s_w2.shape[2], shared_expert_gate=block_kind == "qwen2")
@@ -131,7 +131,8 @@ def to_moe_layer(block: nn.Module) -> MoELayer:
         if block_kind == "qwen2":
             layer.shared_expert_gate = block.shared_expert_gate
     meta = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
-    assert not meta, f"{where}: left on the meta device: {meta}"
+    if meta:  # a tensor MoELayer has that this block did not provide: a bug here, not the caller's
+        raise RuntimeError(f"{where}: internal error, left on the meta device: {meta}")
     return layer.train(block.training)
 
 
