@@ -504,24 +504,14 @@ BLOCK_FAMILIES = _block_families()
 def test_replace_block_matches_the_block(family, train):
     """One replaced block against the installed block in float64: output, the input's and every parameter's
     gradient, the same state_dict keys and shared parameters (MiniMax-M2 in training: the same jitter draw)."""
-    import importlib
-    module, cls_name, make_cfg = BLOCK_FAMILIES[family]
-    cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls_name)
-    assert cls_name in mt.SUPPORTED_BLOCKS
-    torch.manual_seed(0)
-    block = cls(make_cfg()).double()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in block.named_parameters():  # as _randomize: decisive routing, moderate experts
-            router = name in ("gate.weight", "router.weight")
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.5 if router else 0.2))
-        for name, b in block.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.3)
+    block = _family_block(family)
+    assert type(block).__name__ in mt.SUPPORTED_BLOCKS
+    g = torch.Generator().manual_seed(3)
     wrapper = torch.nn.Module()
     wrapper.mlp = copy.deepcopy(block)
     before = dict(wrapper.named_parameters())
     assert mt.replace_moe_blocks(wrapper) == ["mlp"] and isinstance(wrapper.mlp, mt.MoEBlock)
+    assert mt.replace_moe_blocks(wrapper) == []  # a replaced block is left alone
     after = dict(wrapper.named_parameters())
     assert set(after) == set(before) and all(after[n] is before[n] for n in before)
     assert set(wrapper.mlp.state_dict()) == set(block.state_dict())
@@ -572,15 +562,8 @@ def test_llama4_model_replaced_matches_eager():
 @pytest.mark.parametrize("family", ["qwen3_5_moe", "minimax_m2", "llama4_top2"])
 def test_replaced_block_compiles_fullgraph(family):
     """torch.compile(fullgraph=True) of a replaced block: no graph break, the eager block's output."""
-    import importlib
-    module, cls_name, make_cfg = BLOCK_FAMILIES[family]
-    cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls_name)
-    torch.manual_seed(0)
     wrapper = torch.nn.Module()
-    wrapper.mlp = cls(make_cfg())
-    with torch.no_grad():
-        for p in wrapper.parameters():
-            p.normal_(0, 0.3)
+    wrapper.mlp = _family_block(family).float()
     mt.replace_moe_blocks(wrapper)
     wrapper.eval()  # no jitter: the same output from both
     x = torch.randn(2, 5, 32, requires_grad=True)
@@ -652,8 +635,9 @@ def _family_block(family):
     block = block.double()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in block.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.5 if name == "gate.weight" else 0.2))
+        for name, p in block.named_parameters():  # as _randomize: decisive routing, moderate experts
+            router = name in ("gate.weight", "router.weight")
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.5 if router else 0.2))
         for name, b in block.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.3)

@@ -456,30 +456,46 @@ def _returns_of(block_cls) -> Optional[str]:
     return m.group(1) if m else None
 
 
+def _block_class(mod: nn.Module) -> str:
+    """The transformers class name of a block (a MoEBlock's original one)."""
+    return mod.original_class if isinstance(mod, MoEBlock) else type(mod).__name__
+
+
+def _supported_blocks_in(model: nn.Module, classes, where: str, skip_kind: Optional[str] = None) -> list:
+    """[(qualified name, module)] of model's blocks whose class (_block_class) is in classes (default: every
+    supported one, but those of router kind skip_kind); unsupported class names raise ValueError."""
+    wanted = set(SUPPORTED_BLOCKS if classes is None else classes)
+    unknown = wanted - set(SUPPORTED_BLOCKS)
+    if unknown:
+        raise ValueError(f"moe_ext.{where}: unsupported block classes {sorted(unknown)}; supported: "
+                         f"{sorted(SUPPORTED_BLOCKS)}")
+    if classes is None and skip_kind is not None:
+        wanted = {c for c in wanted if SUPPORTED_BLOCKS[c][0] != skip_kind}
+    return [(name, mod) for name, mod in model.named_modules() if _block_class(mod) in wanted]
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def replace_moe_blocks(model: nn.Module, classes=None) -> list:
     """Replace every supported sparse MoE block of model in place by a MoEBlock sharing its Parameters.
 
     classes: names of block classes to replace (default: all of SUPPORTED_BLOCKS). Returns the list of
-    qualified names replaced. Unsupported MoE blocks are left alone (use register() for those).
+    qualified names replaced. Unsupported MoE blocks are left alone (use register() for those), and so are
+    blocks already replaced.
     """
-    wanted = set(SUPPORTED_BLOCKS if classes is None else classes)
-    unknown = wanted - set(SUPPORTED_BLOCKS)
-    if unknown:
-        raise ValueError(f"moe_ext.replace_moe_blocks: unsupported block classes {sorted(unknown)}; supported: "
-                         f"{sorted(SUPPORTED_BLOCKS)}")
-    targets = [(name, mod) for name, mod in model.named_modules() if type(mod).__name__ in wanted]
-    replaced = []
+    targets = [(name, block) for name, block in _supported_blocks_in(model, classes, "replace_moe_blocks")
+               if not isinstance(block, MoEBlock)]
     for name, block in targets:
         router_kind, block_kind = SUPPORTED_BLOCKS[type(block).__name__]
         new = MoEBlock(block, router_kind, block_kind, _returns_of(type(block)))
         new.train(block.training)
         new._forward_hooks.update(block._forward_hooks)
         new._forward_pre_hooks.update(block._forward_pre_hooks)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        replaced.append(name)
-    return replaced
+        _set_submodule(model, name, new)
+    return [name for name, _ in targets]
 
 
 # 3. As MoELayers, offloaded or expert-parallel (transformers_layers.py; imported last: it reads the tables above).

@@ -24,12 +24,12 @@ __all__ = ["to_moe_layer", "offload_moe_blocks", "shard_moe_blocks", "LayerBlock
 
 
 def _where(block: nn.Module) -> str:
-    return f"moe_ext.to_moe_layer({getattr(block, 'original_class', type(block).__name__)})"
+    return f"moe_ext.to_moe_layer({mt._block_class(block)})"
 
 
 def _kinds(block: nn.Module):
     """(router module, router kind, block kind) of a supported transformers block or of a mt.MoEBlock."""
-    name = getattr(block, "original_class", None) if isinstance(block, mt.MoEBlock) else type(block).__name__
+    name = mt._block_class(block)
     if name not in mt.SUPPORTED_BLOCKS:
         raise ValueError(f"moe_ext.to_moe_layer: unsupported block class {name}; supported: "
                          f"{sorted(mt.SUPPORTED_BLOCKS)}")
@@ -153,21 +153,10 @@ class LayerBlock(nn.Module):
 def _swap_blocks(model: nn.Module, classes, where: str, make) -> list:
     """Replace every supported block of model (classes: names; default all but Llama 4's) by
     LayerBlock(make(to_moe_layer(block))); returns the qualified names."""
-    wanted = set(mt.SUPPORTED_BLOCKS if classes is None else classes)
-    unknown = wanted - set(mt.SUPPORTED_BLOCKS)
-    if unknown:
-        raise ValueError(f"moe_ext.{where}: unsupported block classes {sorted(unknown)}")
-    if classes is None:
-        wanted = {c for c in wanted if mt.SUPPORTED_BLOCKS[c][0] != "llama4"}
-
-    def class_of(mod):
-        return mod.original_class if isinstance(mod, mt.MoEBlock) else type(mod).__name__
-    targets = [(name, mod) for name, mod in model.named_modules() if class_of(mod) in wanted]
+    targets = mt._supported_blocks_in(model, classes, where, skip_kind="llama4")
     for name, block in targets:
         returns = block.returns if isinstance(block, mt.MoEBlock) else mt._returns_of(type(block))
-        new = LayerBlock(make(to_moe_layer(block)), returns, class_of(block))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        mt._set_submodule(model, name, LayerBlock(make(to_moe_layer(block)), returns, mt._block_class(block)))
     return [name for name, _ in targets]
 
 
